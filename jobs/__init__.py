@@ -1,0 +1,1 @@
+"""Command-line entry points and scheduled-job examples for qa-batch."""

@@ -1,0 +1,83 @@
+"""Batch stage: group chunks into padded device batches under a token budget.
+
+Chunks are sorted by length inside a window so that a batch pads little; a batch takes
+chunks while `rows x longest chunk` stays within `max_batch_tokens` and its row count
+within `batch_size`. The merge stage restores row order, so sorting changes no answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .chunk import ChunkSet
+
+
+@dataclass
+class HostBatch:
+    """One forward pass worth of chunks, padded, on the host."""
+
+    chunk_index: np.ndarray  # [B] which chunks of the ChunkSet these rows are
+    inputs: dict[str, torch.Tensor]  # model inputs, each [B, T]
+    ctx_start: torch.Tensor  # [B] first passage position (after padding)
+    ctx_len: torch.Tensor  # [B] passage tokens
+    cls_pos: torch.Tensor  # [B] null-answer position (after padding)
+    real_tokens: int  # tokens before padding, for padding efficiency
+
+    def __len__(self) -> int:
+        return len(self.chunk_index)
+
+    @property
+    def padded_tokens(self) -> int:
+        b, t = self.inputs["input_ids"].shape
+        return b * t
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
+    """Chunk indices per batch: longest first, each batch within both limits (at least one chunk)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    begin = 0
+    while begin < len(order):
+        longest = int(lengths[order[begin]])
+        take = max(1, min(batch_size, max_batch_tokens // max(longest, 1)))
+        batches.append(order[begin : begin + take])
+        begin += take
+    return batches
+
+
+def collate(
+    chunks: ChunkSet,
+    index: np.ndarray,
+    input_names: tuple[str, ...],
+    pad_id: int,
+    pad_left: bool = False,
+    pad_multiple: int = 1,
+    pin: bool = False,
+) -> HostBatch:
+    """Pad the chosen chunks into [B, T] tensors (T rounded up to `pad_multiple`)."""
+    lengths = np.array([len(chunks.input_ids[i]) for i in index], dtype=np.int64)
+    width = int(-(-lengths.max() // pad_multiple) * pad_multiple)
+    ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    types = np.zeros((len(index), width), dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    shift = (width - lengths) if pad_left else np.zeros_like(lengths)
+    for b, i in enumerate(index):
+        s, n = shift[b], lengths[b]
+        ids[b, s : s + n] = chunks.input_ids[i]
+        types[b, s : s + n] = chunks.type_ids[i]
+        mask[b, s : s + n] = 1
+    arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    inputs = {name: torch.from_numpy(arrays[name]) for name in input_names}
+    if pin:
+        inputs = {k: v.pin_memory() for k, v in inputs.items()}
+    return HostBatch(
+        chunk_index=index,
+        inputs=inputs,
+        ctx_start=torch.from_numpy(chunks.ctx_start[index] + shift),
+        ctx_len=torch.from_numpy(chunks.ctx_len[index]),
+        cls_pos=torch.from_numpy(chunks.cls_pos[index] + shift),
+        real_tokens=int(lengths.sum()),
+    )

@@ -1,0 +1,54 @@
+"""Every option of a run in one typed object; the CLI only fills it in."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_MODEL = "google-bert/bert-large-uncased-whole-word-masking-finetuned-squad"
+
+
+def default_model() -> str:
+    """The model used when --model is not given: $QA_BATCH_MODEL, else BERT-large SQuAD."""
+    return os.environ.get("QA_BATCH_MODEL") or DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    inputs: tuple[str, ...]
+    output: str | None = None  # None: <first input stem>.answers.parquet beside it
+    model: str = field(default_factory=default_model)
+    passage_col: str = "passage"
+    question_col: str = "question"
+    id_col: str | None = None  # None: "id" when the input has it, else a "row" column
+    keep_columns: tuple[str, ...] = ()
+    max_seq_len: int = 384
+    doc_stride: int = 128
+    max_answer_len: int = 30
+    top_k: int = 1
+    allow_null: bool = False
+    null_threshold: float = 0.0
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | None = None  # chunks per forward; None: per-device default
+    max_batch_tokens: int | None = None  # padded tokens per forward; None: batch_size x max_seq_len
+    rows_per_window: int = 1024  # rows tokenized, sorted and merged together
+    limit: int | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    report: str | None = None
+
+    def answer_options(self) -> dict:
+        """The options that change answers, recorded in the output's metadata."""
+        keys = (
+            "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
+            "doc_stride", "max_answer_len", "top_k", "allow_null", "null_threshold",
+            "dtype", "limit",
+        )
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = list(self.inputs)
+        d["keep_columns"] = list(self.keep_columns)
+        return d

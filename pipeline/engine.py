@@ -1,0 +1,302 @@
+"""The local engine: wires read -> chunk -> batch -> infer -> decode -> merge -> write.
+
+Two threads overlap the work. A producer thread reads windows of rows, tokenizes them
+and pads batches (the Rust tokenizer releases the GIL, so this runs beside the model);
+the calling thread runs the model and the span search, keeps up to two batches in flight
+on CUDA so the GPU never waits for a copy, merges finished windows and writes them.
+A bounded queue between the two keeps memory flat however large the input is.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .batch import HostBatch, collate, plan_batches
+from .chunk import ChunkSet, Chunker
+from .config import RunConfig
+from .errors import RuntimeFailure, UsageError
+from .infer import Predictor
+from .merge import WindowSpans, merge_window
+from .model import LoadedModel, load_model
+from .read import InputPlan, RowBatch, plan_inputs, read_windows
+from .write import AtomicParquetWriter, answers_table, output_schema
+
+CPU_BATCH_SIZE = 8  # on a few CPU cores small batches stay in cache and win
+CUDA_BATCH_SIZE = 256
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed as one line, written by --report, stored in the output."""
+
+    output: str
+    rows: int = 0
+    chunks: int = 0
+    answered: int = 0
+    null: int = 0
+    errors: int = 0
+    elapsed_s: float = 0.0
+    rows_per_s: float = 0.0
+    chunks_per_s: float = 0.0
+    padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
+    oom_splits: int = 0
+    device: str = ""
+    dtype: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    stage_seconds: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"qa-batch: {self.rows} rows ({self.answered} answered, {self.null} null, "
+            f"{self.errors} errors), {self.chunks} chunks in {self.elapsed_s:.1f} s: "
+            f"{self.rows_per_s:.1f} rows/s, {self.chunks_per_s:.1f} chunks/s -> {self.output}"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _WindowStart:
+    rows: RowBatch
+    chunks: ChunkSet
+    n_batches: int
+
+
+_DONE = object()
+
+
+def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
+    """<stem>.answers.parquet beside the first input (beside, not inside, a directory)."""
+    first = inputs[0]
+    if os.path.isdir(first):
+        return os.path.normpath(first) + ".answers.parquet"
+    path = first if os.path.isfile(first) else files[0]
+    stem = os.path.basename(path)
+    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
+    return os.path.join(os.path.dirname(path), stem + ".answers.parquet")
+
+
+def check_options(c: RunConfig) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UsageError(msg)
+
+    need(c.max_seq_len >= 8, f"--max-seq-len {c.max_seq_len}: must be at least 8")
+    need(0 <= c.doc_stride < c.max_seq_len, f"--doc-stride {c.doc_stride}: must be >= 0 and below --max-seq-len")
+    need(c.max_answer_len >= 1, f"--max-answer-len {c.max_answer_len}: must be at least 1")
+    need(c.top_k >= 1, f"--top-k {c.top_k}: must be at least 1")
+    need(c.batch_size is None or c.batch_size >= 1, f"--batch-size {c.batch_size}: must be at least 1")
+    need(c.max_batch_tokens is None or c.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1")
+    need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
+    need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
+
+
+def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"output directory {directory} is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a directory: give a file path with -o")
+    if any(os.path.realpath(f) == os.path.realpath(path) for f in plan.files):
+        raise UsageError(f"output {path} is also an input: choose another path with -o")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
+
+
+def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
+    """Answer every row of the inputs and write the output; raise QaBatchError on failure."""
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    check_options(config)
+    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
+                       config.keep_columns)
+    output = config.output or default_output(config.inputs, plan.files)
+    check_output(output, plan, config.overwrite)
+
+    t_load = time.perf_counter()
+    loaded = loaded or load_model(config.model, config.device, config.dtype)
+    t_load = time.perf_counter() - t_load
+    if config.max_seq_len > loaded.max_positions:
+        raise UsageError(
+            f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
+            f"({loaded.max_positions} tokens): use --max-seq-len {loaded.max_positions} or less")
+    on_cuda = loaded.device.type == "cuda"
+    batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
+    max_batch_tokens = config.max_batch_tokens or batch_size * config.max_seq_len
+    chunker = Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad_left = getattr(loaded.tokenizer, "padding_side", "right") == "left"
+    chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2  # slack for duplicate char spans
+    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k)
+
+    schema = output_schema(plan, config.top_k)
+    metadata = {
+        "qa_batch_version": __version__,
+        "model": {"id": loaded.model_id, "revision": loaded.revision},
+        "options": config.as_dict(),
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "started_at": started_at,
+    }
+    summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
+                         started_at=started_at)
+    stages = collections.Counter(load_model=t_load)
+    total_rows = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+
+    # ---- producer: read, chunk, batch (its own thread) ----
+    work: queue.Queue = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                work.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            windows = read_windows(plan, config.rows_per_window, config.limit)
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                rows = next(windows, None)
+                if rows is None:
+                    break
+                t1 = time.perf_counter()
+                chunks = chunker(rows.passages, rows.questions)
+                t2 = time.perf_counter()
+                batches = plan_batches(chunks.lengths, batch_size, max_batch_tokens)
+                stages["read"] += t1 - t0
+                stages["tokenize"] += t2 - t1
+                put(_WindowStart(rows, chunks, len(batches)))
+                for index in batches:
+                    t3 = time.perf_counter()
+                    hb = collate(chunks, index, loaded.input_names, pad_id, pad_left,
+                                 pad_multiple=8 if on_cuda else 1, pin=on_cuda)
+                    stages["batch"] += time.perf_counter() - t3
+                    put(hb)
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(e)
+
+    producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True)
+    writer = AtomicParquetWriter(output, schema, metadata)
+    bar = tqdm(total=total_rows, unit="row", dynamic_ncols=True,
+               disable=config.quiet or not sys.stderr.isatty())
+    real_tokens = padded_tokens = 0
+
+    # ---- consumer: infer, decode, merge, write (this thread) ----
+    current: _WindowStart | None = None
+    spans: WindowSpans | None = None
+    batches_left = 0
+    in_flight: collections.deque = collections.deque()  # (HostBatch, spans copied to host, event)
+
+    def finish_oldest() -> None:
+        nonlocal batches_left
+        hb, host, event = in_flight.popleft()
+        t0 = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        stages["infer"] += time.perf_counter() - t0
+        idx = hb.chunk_index
+        shift = (current.chunks.token_start[idx] - hb.ctx_start.numpy())[:, None]
+        spans.token_start[idx] = host.start.numpy() + shift
+        spans.token_end[idx] = host.end.numpy() + shift
+        spans.score[idx] = host.score.numpy()
+        spans.null_score[idx] = host.null_score.numpy()
+        spans.log_norm[idx] = host.log_norm.numpy()
+        batches_left -= 1
+
+    def finish_window() -> None:
+        t0 = time.perf_counter()
+        answers = merge_window(current.rows.passages, current.chunks, spans, config.top_k,
+                               config.allow_null, config.null_threshold)
+        t1 = time.perf_counter()
+        writer.write(answers_table(schema, current.rows, answers, config.top_k, plan.id_col))
+        stages["merge"] += t1 - t0
+        stages["write"] += time.perf_counter() - t1
+        summary.rows += len(answers)
+        summary.chunks += len(current.chunks)
+        summary.errors += sum(a.error is not None for a in answers)
+        summary.answered += sum(a.answer is not None for a in answers)
+        bar.update(len(answers))
+
+    try:
+        producer.start()
+        while True:
+            t0 = time.perf_counter()
+            item = work.get()
+            stages["wait_for_input"] += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            if item is _DONE or isinstance(item, _WindowStart):
+                while in_flight:
+                    finish_oldest()
+                if current is not None:
+                    finish_window()
+                if item is _DONE:
+                    break
+                current, batches_left = item, item.n_batches
+                spans = WindowSpans.empty(len(item.chunks), chunk_k)
+                continue
+            hb: HostBatch = item
+            t1 = time.perf_counter()
+            try:
+                device_spans = predictor(hb)
+            except RuntimeError as e:
+                if isinstance(e, RuntimeFailure):
+                    raise
+                raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
+            event = None
+            if on_cuda:
+                host = device_spans.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = device_spans
+            stages["infer"] += time.perf_counter() - t1
+            real_tokens += hb.real_tokens
+            padded_tokens += hb.padded_tokens
+            in_flight.append((hb, host, event))
+            if len(in_flight) > 1:  # keep one batch queued on the GPU behind this one
+                finish_oldest()
+        producer.join()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        bar.close()
+        raise
+    bar.close()
+
+    elapsed = time.perf_counter() - started
+    summary.null = summary.rows - summary.answered - summary.errors
+    summary.elapsed_s = round(elapsed, 3)
+    summary.rows_per_s = round(summary.rows / elapsed, 2) if elapsed else 0.0
+    summary.chunks_per_s = round(summary.chunks / elapsed, 2) if elapsed else 0.0
+    summary.padding_efficiency = round(real_tokens / padded_tokens, 4) if padded_tokens else 1.0
+    summary.oom_splits = predictor.stats.oom_splits
+    summary.stage_seconds = {k: round(v, 3) for k, v in sorted(stages.items())}
+    summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    writer.commit({"finished_at": summary.finished_at, "summary": summary.as_dict()})
+    if config.report:
+        with open(config.report, "w") as f:
+            json.dump(summary.as_dict(), f, indent=2)
+    return summary

@@ -1,0 +1,30 @@
+"""Errors that end a run, each with the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad options, bad input, model not found
+EXIT_RUNTIME = 3  # the model or the device failed while running
+EXIT_INTERRUPTED = 130
+
+
+class QaBatchError(Exception):
+    """An error with a message meant for the user and an exit code."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(QaBatchError):
+    """Bad options, unreadable or malformed input, a model that cannot be loaded."""
+
+    exit_code = EXIT_USAGE
+
+
+class RuntimeFailure(QaBatchError):
+    """The model or the device failed during the run."""
+
+    exit_code = EXIT_RUNTIME

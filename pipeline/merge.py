@@ -1,0 +1,114 @@
+"""Merge stage: pick each row's answer (or top-k answers) from the spans of all its chunks.
+
+Confidence is a softmax over every valid span of every chunk of the row (plus the null
+candidate with --allow-null): exp(score - logsumexp(all candidate scores)). A span seen in
+two overlapping chunks is one answer (its best score), but counts in the normaliser once
+per chunk, which is what the chunks actually scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chunk import ChunkSet
+
+
+@dataclass
+class WindowSpans:
+    """Per chunk of a window, in passage-token coordinates (filled batch by batch)."""
+
+    token_start: np.ndarray  # [chunks, k] first passage token of each span
+    token_end: np.ndarray  # [chunks, k] last passage token (inclusive)
+    score: np.ndarray  # [chunks, k] float32, -inf where no span
+    null_score: np.ndarray  # [chunks]
+    log_norm: np.ndarray  # [chunks]
+
+    @classmethod
+    def empty(cls, n_chunks: int, k: int) -> "WindowSpans":
+        return cls(
+            np.zeros((n_chunks, k), np.int64), np.zeros((n_chunks, k), np.int64),
+            np.full((n_chunks, k), -np.inf, np.float32),
+            np.zeros(n_chunks, np.float32), np.full(n_chunks, -np.inf, np.float32),
+        )
+
+
+@dataclass
+class Answer:
+    text: str
+    start: int  # character offsets into the passage: passage[start:end] == text
+    end: int
+    score: float
+    confidence: float
+
+
+@dataclass
+class RowAnswer:
+    """What the output says about one row."""
+
+    answer: Answer | None  # None: no answer (null, or an error)
+    score: float | None  # the chosen answer's logit sum (the null score for a null answer)
+    confidence: float | None
+    null_score: float | None  # min over chunks of the CLS start + end logits
+    chunks: int
+    error: str | None
+    top: list[Answer]  # best distinct spans, best first (only filled for top_k > 1)
+
+
+def merge_window(
+    passages: list[str | None],
+    chunks: ChunkSet,
+    spans: WindowSpans,
+    top_k: int,
+    allow_null: bool,
+    null_threshold: float,
+) -> list[RowAnswer]:
+    """One RowAnswer per row of the window, in row order."""
+    n_rows = len(passages)
+    # Chunks of a row are consecutive: row r owns chunks [bounds[r], bounds[r + 1]).
+    bounds = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(chunks.chunk_count, out=bounds[1:])
+    # Character offsets of every candidate, in one vectorized gather.
+    base = chunks.token_base[chunks.row][:, None] if len(chunks) else np.zeros((0, 1), np.int64)
+    char_start = chunks.offsets[base + spans.token_start, 0] if len(chunks) else spans.token_start
+    char_end = chunks.offsets[base + spans.token_end, 1] if len(chunks) else spans.token_end
+
+    out: list[RowAnswer] = []
+    for r in range(n_rows):
+        a, b = bounds[r], bounds[r + 1]
+        if chunks.errors[r] is not None or a == b:
+            out.append(RowAnswer(None, None, None, None, int(b - a), chunks.errors[r], []))
+            continue
+        null_score = float(spans.null_score[a:b].min())
+        log_norm = float(np.logaddexp.reduce(spans.log_norm[a:b].astype(np.float64)))
+        if allow_null:
+            log_norm = float(np.logaddexp(log_norm, null_score))
+
+        scores = spans.score[a:b].ravel()
+        order = np.argsort(-scores, kind="stable")  # ties: earlier chunk, then better rank
+        cs, ce = char_start[a:b].ravel(), char_end[a:b].ravel()
+        top: list[Answer] = []
+        seen: set[tuple[int, int]] = set()
+        for j in order:
+            if len(top) == top_k or not np.isfinite(scores[j]):
+                break
+            key = (int(cs[j]), int(ce[j]))
+            if key in seen:  # the same text span from an overlapping chunk
+                continue
+            seen.add(key)
+            s = float(scores[j])
+            top.append(Answer(passages[r][key[0] : key[1]], key[0], key[1], s,
+                              float(np.exp(s - log_norm))))
+        if not top:
+            out.append(RowAnswer(None, None, None, null_score, int(b - a),
+                                 "no valid answer span in the passage", []))
+            continue
+        best = top[0]
+        if allow_null and null_score - best.score > null_threshold:
+            out.append(RowAnswer(None, null_score, float(np.exp(null_score - log_norm)), null_score,
+                                 int(b - a), None, top if top_k > 1 else []))
+        else:
+            out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None,
+                                 top if top_k > 1 else []))
+    return out

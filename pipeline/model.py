@@ -1,0 +1,189 @@
+"""Load a question-answering checkpoint, its fast tokenizer, the device and the dtype.
+
+Failures here happen before any row is read, and each says what to do next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger("qa_batch")
+
+_MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with everything the other stages need to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object  # a transformers fast tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    input_names: tuple[str, ...]  # the inputs both the tokenizer makes and forward() takes
+    max_positions: int  # the longest sequence the model accepts
+    model_id: str
+    revision: str | None  # hub commit, or a content hash of a local checkpoint
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' picks CUDA when present; an explicit CUDA device must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        log.info("no CUDA device found: running on the CPU")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {spec}: CUDA is not available on this machine "
+                "(no GPU, or torch is a CPU build); use --device cpu or --device auto"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA (BERT-family activations fit it) and float32 on the CPU."""
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec not in names:
+        raise UsageError(f"--dtype {spec!r}: choose auto, float32, float16 or bfloat16")
+    if spec == "float16" and device.type == "cpu":
+        raise UsageError("--dtype float16 is slow or unsupported on the CPU: use float32 or bfloat16")
+    return names[spec]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub: fails in seconds where hub downloads would retry for a minute."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def content_hash(directory: str) -> str:
+    """sha256 over a local checkpoint's config and weights, so outputs name the exact model."""
+    h = hashlib.sha256()
+    for name in ("config.json",) + _WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def max_positions(model: torch.nn.Module, tokenizer) -> int:
+    """The longest input the model accepts, from its position table (RoBERTa reserves padding_idx+1)."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if padding_idx is not None:  # RoBERTa-style positions start at padding_idx + 1
+        limit -= padding_idx + 1
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limit = min(limit, tok_limit)
+    return int(limit)
+
+
+def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto") -> LoadedModel:
+    """Load tokenizer and model with from_pretrained, from a local directory or the hub."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # qa-batch shows its own progress
+    hf_logging.set_verbosity_error()
+
+    device = resolve_device(device_spec)
+    dtype = resolve_dtype(dtype_spec, device)
+
+    local = os.path.isdir(model_id)
+    # Hub ids look like "name" or "org/name"; anything else is meant as a local path.
+    if not local and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise UsageError(f"--model {model_id!r}: no such directory")
+    offline_only = _offline_env() or (not local and not _hub_reachable())
+    kwargs = {"local_files_only": True} if offline_only else {}
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForQuestionAnswering.from_pretrained(model_id, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        if local:
+            raise UsageError(f"--model {model_id}: not a loadable question-answering checkpoint ({e})") from None
+        if offline_only:
+            raise UsageError(
+                f"--model {model_id}: the Hugging Face hub cannot be reached and the model is not in "
+                "the local cache. Point --model at a local directory holding the checkpoint "
+                "(config.json, weights and tokenizer files), or download it once with network access "
+                "and rerun with HF_HUB_OFFLINE=1 to use the cache."
+            ) from None
+        raise UsageError(f"--model {model_id}: could not load it from the hub ({e})") from None
+
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise UsageError(
+            f"--model {model_id}: its tokenizer is not a fast (Rust) tokenizer, which qa-batch needs for "
+            "character offsets; save the checkpoint with a tokenizer.json "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir))"
+        )
+
+    try:
+        model.to(device)
+    except RuntimeError as e:
+        from .errors import RuntimeFailure
+
+        raise RuntimeFailure(f"could not move the model to {device}: {e}") from None
+    model.eval()
+
+    # Feed only what forward() takes; token types only where they mean something (BERT yes,
+    # RoBERTa with a single type and DistilBERT, which has no such input, no).
+    takes = set(inspect.signature(model.forward).parameters)
+    makes = {"input_ids", "attention_mask"}
+    if "token_type_ids" in tokenizer.model_input_names or getattr(model.config, "type_vocab_size", 1) > 1:
+        makes.add("token_type_ids")
+    input_names = tuple(n for n in _MODEL_INPUTS if n in takes and n in makes)
+
+    revision = content_hash(model_id) if local else getattr(model.config, "_commit_hash", None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        input_names=input_names,
+        max_positions=max_positions(model, tokenizer),
+        model_id=model_id,
+        revision=revision,
+    )

@@ -1,0 +1,226 @@
+"""Read stage: find the input files, validate their schemas, stream rows in windows.
+
+Everything is checked from the Parquet footers before any model work, so a bad input
+ends the run in seconds with a message that names the file and the column.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What the read stage will stream: files, columns and row counts."""
+
+    files: tuple[str, ...]
+    passage_col: str
+    question_col: str
+    id_col: str | None  # None: rows are identified by their 0-based row number
+    keep_columns: tuple[str, ...]
+    total_rows: int  # from the Parquet footers
+    id_type: pa.DataType | None
+    keep_types: tuple[pa.DataType, ...]
+
+
+@dataclass
+class RowBatch:
+    """A window of consecutive input rows."""
+
+    first_row: int  # 0-based number of the first row over all inputs
+    passages: list[str | None]
+    questions: list[str | None]
+    ids: pa.Array | None  # the id column, as read
+    kept: dict[str, pa.Array]  # --keep-columns, as read
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[str]:
+    """Expand files, directories (every *.parquet below, sorted) and globs, in the order given."""
+    if not specs:
+        raise UsageError("no input given: pass one or more Parquet files, directories or globs")
+    files: list[str] = []
+    for spec in specs:
+        if glob.has_magic(spec):
+            matched = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise UsageError(f"input glob {spec!r} matches no file")
+            files.extend(matched)
+        elif os.path.isdir(spec):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(spec)
+                for name in names
+                if name.endswith(".parquet") and not name.startswith((".", "_"))
+            )
+            if not found:
+                raise UsageError(f"input directory {spec!r} holds no *.parquet file")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise UsageError(f"input {spec!r} does not exist")
+    seen: set[str] = set()
+    unique = []
+    for f in files:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _logical(t: pa.DataType) -> str:
+    """A type's name for comparing schemas: the string encodings all count as one."""
+    return "string" if _is_string(t) else str(t)
+
+
+def _read_schema(path: str) -> tuple[pa.Schema, int]:
+    try:
+        meta = pq.read_metadata(path)
+        return meta.schema.to_arrow_schema(), meta.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UsageError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def plan_inputs(
+    specs: tuple[str, ...] | list[str],
+    passage_col: str,
+    question_col: str,
+    id_col: str | None,
+    keep_columns: tuple[str, ...] = (),
+) -> InputPlan:
+    """Resolve the inputs and check every file's schema; raise UsageError on the first problem."""
+    files = resolve_inputs(specs)
+    schemas = [(f, *_read_schema(f)) for f in files]
+
+    first_file, first_schema, _ = schemas[0]
+    if id_col is None and "id" in first_schema.names:
+        id_col = "id"
+    wanted = [passage_col, question_col] + ([id_col] if id_col else []) + list(keep_columns)
+    reference: dict[str, str] = {}
+    for path, schema, _ in schemas:
+        for col in wanted:
+            if col not in schema.names:
+                found = ", ".join(schema.names) or "(none)"
+                hint = {
+                    passage_col: " (set its name with --passage-col)",
+                    question_col: " (set its name with --question-col)",
+                    id_col: " (set its name with --id-col)",
+                }.get(col, "")
+                raise UsageError(f"{path}: column {col!r} is missing{hint}; columns found: {found}")
+            t = schema.field(col).type
+            if col in (passage_col, question_col) and not _is_string(t):
+                raise UsageError(
+                    f"{path}: column {col!r} has type {t}, but text is needed (string); "
+                    f"columns found: {', '.join(f'{n}: {schema.field(n).type}' for n in schema.names)}"
+                )
+            if col not in reference:
+                reference[col] = _logical(t)
+            elif reference[col] != _logical(t):
+                raise UsageError(
+                    f"inputs disagree: column {col!r} is {reference[col]} in {first_file} "
+                    f"but {_logical(t)} in {path}"
+                )
+    return InputPlan(
+        files=tuple(files),
+        passage_col=passage_col,
+        question_col=question_col,
+        id_col=id_col,
+        keep_columns=tuple(keep_columns),
+        total_rows=sum(n for _, _, n in schemas),
+        id_type=first_schema.field(id_col).type if id_col else None,
+        keep_types=tuple(first_schema.field(c).type for c in keep_columns),
+    )
+
+
+def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Combine chunks and decode dictionaries so that windows concatenate cleanly."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None) -> Iterator[RowBatch]:
+    """Stream the inputs as windows of at most `rows_per_window` rows, in input order.
+
+    Memory holds one Parquet record batch and one window, whatever the table's size.
+    """
+    columns = [plan.passage_col, plan.question_col]
+    if plan.id_col:
+        columns.append(plan.id_col)
+    columns += [c for c in plan.keep_columns if c not in columns]
+    remaining = plan.total_rows if limit is None else min(limit, plan.total_rows)
+    row = 0
+    pending: list[dict[str, pa.Array]] = []
+    pending_rows = 0
+    text_cols = {plan.passage_col, plan.question_col}
+    target = {c: _plain_type(t) for c, t in zip(plan.keep_columns, plan.keep_types)}
+    if plan.id_col:
+        target[plan.id_col] = _plain_type(plan.id_type)
+
+    def normalize(rb: pa.RecordBatch) -> dict[str, pa.Array]:
+        # Files may differ in string encoding (string, large_string, dictionary): unify here.
+        out = {}
+        for c in columns:
+            arr = _plain(rb.column(c))
+            out[c] = arr.cast(pa.large_string()) if c in text_cols else arr.cast(target[c])
+        return out
+
+    def flush() -> RowBatch:
+        nonlocal pending, pending_rows, row
+        col = {c: pa.concat_arrays([p[c] for p in pending]) for c in columns}
+        batch = RowBatch(
+            first_row=row,
+            passages=col[plan.passage_col].to_pylist(),
+            questions=col[plan.question_col].to_pylist(),
+            ids=col[plan.id_col] if plan.id_col else None,
+            kept={c: col[c] for c in plan.keep_columns},
+        )
+        row += pending_rows
+        pending, pending_rows = [], 0
+        return batch
+
+    for path in plan.files:
+        if remaining <= 0:
+            break
+        try:
+            pf = pq.ParquetFile(path)
+            for rb in pf.iter_batches(batch_size=rows_per_window, columns=columns):
+                rb = rb.slice(0, min(rb.num_rows, remaining))
+                remaining -= rb.num_rows
+                while rb.num_rows:
+                    take = min(rb.num_rows, rows_per_window - pending_rows)
+                    pending.append(normalize(rb.slice(0, take)))
+                    pending_rows += take
+                    rb = rb.slice(take)
+                    if pending_rows == rows_per_window:
+                        yield flush()
+                if remaining <= 0:
+                    break
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UsageError(f"{path}: could not read Parquet data ({e})") from None
+    if pending_rows:
+        yield flush()

@@ -1,0 +1,112 @@
+"""Write stage: answers to Parquet, atomically.
+
+Rows go to a hidden temporary file in the output's directory; only a finished run renames
+it to the output path (os.replace is atomic on one filesystem). A failed or interrupted
+run removes the temporary file and never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .merge import RowAnswer
+from .read import InputPlan, RowBatch
+
+ANSWER_STRUCT = pa.struct([
+    ("text", pa.string()), ("start", pa.int64()), ("end", pa.int64()),
+    ("score", pa.float32()), ("confidence", pa.float32()),
+])
+METADATA_KEY = b"qa_batch"
+
+
+def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
+    """The output columns; documented in README.md ("Output schema")."""
+    key = pa.field(plan.id_col, plan.id_type.value_type if pa.types.is_dictionary(plan.id_type)
+                   else plan.id_type) if plan.id_col else pa.field("row", pa.int64())
+    fields = [
+        key,
+        pa.field("question", pa.large_string()),
+        pa.field("answer", pa.large_string()),
+        pa.field("answer_start", pa.int64()),
+        pa.field("answer_end", pa.int64()),
+        pa.field("score", pa.float32()),
+        pa.field("confidence", pa.float32()),
+        pa.field("null_score", pa.float32()),
+        pa.field("chunks", pa.int32()),
+        pa.field("error", pa.string()),
+    ]
+    if top_k > 1:
+        fields.append(pa.field("answers", pa.list_(ANSWER_STRUCT)))
+    taken = {f.name for f in fields}
+    for name, t in zip(plan.keep_columns, plan.keep_types):
+        if name in taken:
+            continue  # already there (the id or the question)
+        fields.append(pa.field(name, t.value_type if pa.types.is_dictionary(t) else t))
+    return pa.schema(fields)
+
+
+def answers_table(schema: pa.Schema, rows: RowBatch, answers: list[RowAnswer], top_k: int,
+                  id_col: str | None) -> pa.Table:
+    """One output row per input row of the window, in input order."""
+    n = len(answers)
+    cols: dict[str, pa.Array] = {}
+    if id_col:
+        cols[id_col] = rows.ids
+    else:
+        cols["row"] = pa.array(range(rows.first_row, rows.first_row + n), pa.int64())
+    cols["question"] = pa.array(rows.questions, pa.large_string())
+    cols["answer"] = pa.array([a.answer.text if a.answer else None for a in answers], pa.large_string())
+    cols["answer_start"] = pa.array([a.answer.start if a.answer else None for a in answers], pa.int64())
+    cols["answer_end"] = pa.array([a.answer.end if a.answer else None for a in answers], pa.int64())
+    cols["score"] = pa.array([a.score for a in answers], pa.float32())
+    cols["confidence"] = pa.array([a.confidence for a in answers], pa.float32())
+    cols["null_score"] = pa.array([a.null_score for a in answers], pa.float32())
+    cols["chunks"] = pa.array([a.chunks for a in answers], pa.int32())
+    cols["error"] = pa.array([a.error for a in answers], pa.string())
+    if top_k > 1:
+        cols["answers"] = pa.array(
+            [[vars(x) for x in a.top] for a in answers], pa.list_(ANSWER_STRUCT))
+    for name, arr in rows.kept.items():
+        if name not in cols:
+            cols[name] = arr
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+class AtomicParquetWriter:
+    """A ParquetWriter on a temporary file that becomes `path` only on commit()."""
+
+    def __init__(self, path: str, schema: pa.Schema, metadata: dict):
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        self.path = path
+        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="zstd")
+        self.metadata = metadata
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def commit(self, extra_metadata: dict) -> None:
+        """Close with the final metadata (end time, counts) and move into place."""
+        self._writer.add_key_value_metadata(
+            {METADATA_KEY: json.dumps({**self.metadata, **extra_metadata})})
+        self._writer.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            if os.path.exists(self.tmp_path):
+                os.unlink(self.tmp_path)
+
+
+def read_metadata(path: str) -> dict:
+    """The qa-batch metadata of an output file (model, options, times, counts)."""
+    meta = pq.read_metadata(path).metadata or {}
+    return json.loads(meta[METADATA_KEY])
