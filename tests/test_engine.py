@@ -1,0 +1,154 @@
+"""The whole local engine with a fake model whose logits peak where the test plants them.
+
+The fake model is a real torch module fed by the real tokenizer, chunker, batcher, span
+search, merge and Parquet writer; only its logits are chosen: high start logit on the
+token "alpha", high end logit on "omega", and `cls_logit` at the CLS token.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.chunk import Chunker, chunk_windows
+from pipeline.config import RunConfig
+from pipeline.engine import run
+from pipeline.model import LoadedModel
+from conftest import write_parquet
+
+FILLER = "the normans were descended from norse raiders and pirates from denmark iceland and norway "
+
+
+class PlantedModel(torch.nn.Module):
+    def __init__(self, start_id: int, end_id: int, cls_id: int, cls_logit: float = -100.0,
+                 oom_above: int | None = None):
+        super().__init__()
+        self.start_id, self.end_id, self.cls_id = start_id, end_id, cls_id
+        self.cls_logit = cls_logit
+        self.oom_above = oom_above  # raise OutOfMemoryError for larger batches (simulated OOM)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if self.oom_above is not None and input_ids.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        self.batch_sizes.append(input_ids.shape[0])
+        base = torch.zeros(input_ids.shape)
+        start = base + 10.0 * (input_ids == self.start_id)
+        end = base + 10.0 * (input_ids == self.end_id)
+        cls = input_ids == self.cls_id
+        start, end = start.masked_fill(cls, self.cls_logit), end.masked_fill(cls, self.cls_logit)
+        return SimpleNamespace(start_logits=start, end_logits=end)
+
+
+def planted(tokenizer, **kw) -> LoadedModel:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("alpha", "omega")]
+    assert tokenizer.unk_token_id not in ids, "the fixture tokenizer must know both words"
+    model = PlantedModel(ids[0], ids[1], tokenizer.cls_token_id, **kw)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32,
+                       input_names=("input_ids", "attention_mask"), max_positions=512,
+                       model_id="planted", revision=None)
+
+
+def answer(tmp_path, tokenizer, passages, questions, loaded=None, **options):
+    src = write_parquet(tmp_path / "in.parquet", {"passage": passages, "question": questions})
+    config = RunConfig(inputs=(src,), output=str(tmp_path / "out.parquet"), overwrite=True,
+                       quiet=True, model="planted", **options)
+    loaded = loaded or planted(tokenizer)
+    summary = run(config, loaded=loaded)
+    return pq.read_table(config.output).to_pylist(), summary, loaded
+
+
+def passage_with_answer_at(tokenizer, n_words: int, at_word: int, answer="alpha beta gamma omega") -> tuple[str, int]:
+    words = (FILLER.split() * (n_words // 10 + 1))[:n_words]
+    before = " ".join(words[:at_word])
+    text = before + (" " if before else "") + answer + " " + " ".join(words[at_word:])
+    return text, len(before) + (1 if before else 0)
+
+
+@pytest.mark.parametrize("where", ["first", "last", "overlap"])
+def test_planted_answer_is_found_in_any_chunk(tmp_path, bert_tokenizer, where):
+    q = "who raided?"
+    n = 2000
+    probe = Chunker(bert_tokenizer, 128, 32)
+    # find a word position that lands in the wanted place of the chunk windows
+    words = {"first": 3, "last": n - 2}
+    if where == "overlap":
+        text, _ = passage_with_answer_at(bert_tokenizer, n, 0)
+        cs = probe([text], [q])
+        budget = 128 - 3 - len(bert_tokenizer(q, add_special_tokens=False)["input_ids"])
+        w = chunk_windows(len(cs.offsets), budget, 32)
+        overlap_char = cs.offsets[w[1][0] + 5, 0]  # 5 tokens into chunk 1, inside chunk 0 too
+        words["overlap"] = len(text[:overlap_char].split())
+    text, start = passage_with_answer_at(bert_tokenizer, n, words[where])
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, [text], [q], max_seq_len=128, doc_stride=32, top_k=3)
+    row = rows[0]
+    assert row["chunks"] > 10
+    assert row["answer"] == "alpha beta gamma omega"
+    assert (row["answer_start"], row["answer_end"]) == (start, start + len(row["answer"]))
+    assert text[row["answer_start"]:row["answer_end"]] == row["answer"]
+    assert row["score"] == pytest.approx(20.0)
+    # top-k: the planted span is counted once even where two chunks see it
+    spans = [(a["start"], a["end"]) for a in row["answers"]]
+    assert len(spans) == len(set(spans)) == 3
+    assert spans[0] == (row["answer_start"], row["answer_end"])
+
+
+def test_planted_answer_in_a_100k_token_passage(tmp_path, bert_tokenizer):
+    n = 100_000  # one token per filler word with this tokenizer
+    text, start = passage_with_answer_at(bert_tokenizer, n, n - 50)
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, [text, text[:2000]], ["who?", "who?"])
+    n_tokens = len(Chunker(bert_tokenizer, 384, 128)([text], ["who?"]).offsets)
+    assert n_tokens >= 100_000
+    assert rows[0]["answer_start"] == start and rows[0]["answer"] == "alpha beta gamma omega"
+    assert rows[0]["chunks"] > 300
+    assert rows[1]["chunks"] == 1
+
+
+def test_null_answers_with_allow_null(tmp_path, bert_tokenizer):
+    text, _ = passage_with_answer_at(bert_tokenizer, 300, 100)
+    loaded = planted(bert_tokenizer, cls_logit=15.0)  # null score 30 beats the span's 20
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"], loaded=loaded, allow_null=True)
+    assert rows[0]["answer"] is None and rows[0]["answer_start"] is None and rows[0]["error"] is None
+    assert rows[0]["score"] == pytest.approx(30.0) and rows[0]["null_score"] == pytest.approx(30.0)
+    assert 0.5 < rows[0]["confidence"] <= 1.0
+    assert summary.null == 1 and summary.answered == 0
+    # a threshold above the margin (10) keeps the span
+    rows, _, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"], loaded=loaded, allow_null=True,
+                        null_threshold=10.5)
+    assert rows[0]["answer"] == "alpha beta gamma omega"
+    # without --allow-null the best span is always given
+    rows, _, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"], loaded=loaded)
+    assert rows[0]["answer"] == "alpha beta gamma omega"
+
+
+def test_confidence_is_a_softmax_over_all_spans(tmp_path, bert_tokenizer):
+    text = "alpha omega"  # spans: alpha(10), alpha..omega(20), omega(10)
+    rows, _, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"])
+    expected = np.exp(20) / (np.exp(20) + 2 * np.exp(10))
+    assert rows[0]["confidence"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, bert_tokenizer):
+    texts = [passage_with_answer_at(bert_tokenizer, 400, i * 7)[0] for i in range(12)]
+    loaded = planted(bert_tokenizer, oom_above=3)
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, texts, ["q?"] * 12, loaded=loaded, batch_size=16,
+                              max_seq_len=96, doc_stride=16)
+    assert summary.oom_splits > 0
+    assert max(loaded.model.batch_sizes) <= 3
+    assert sum(loaded.model.batch_sizes) == summary.chunks  # every chunk exactly once
+    for text, row in zip(texts, rows):
+        assert text[row["answer_start"]:row["answer_end"]] == "alpha beta gamma omega"
+
+
+def test_rows_stay_in_input_order_across_windows(tmp_path, bert_tokenizer):
+    # varied lengths make the length-sorted batches mix rows of several windows' worth
+    texts = [passage_with_answer_at(bert_tokenizer, 20 + 37 * i % 400, 5)[0] for i in range(50)]
+    questions = [f"question {i}?" for i in range(50)]
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, texts, questions, rows_per_window=7, batch_size=5)
+    assert [r["question"] for r in rows] == questions
+    assert [r["row"] for r in rows] == list(range(50))
+    assert all(r["answer"] == "alpha beta gamma omega" for r in rows)
