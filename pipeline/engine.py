@@ -97,7 +97,7 @@ def check_options(c: RunConfig) -> None:
             raise UsageError(msg)
 
     need(c.max_seq_len >= 8, f"--max-seq-len {c.max_seq_len}: must be at least 8")
-    need(0 <= c.doc_stride < c.max_seq_len, f"--doc-stride {c.doc_stride}: must be >= 0 and below --max-seq-len")
+    need(0 <= c.doc_stride < c.max_seq_len, f"--doc-stride {c.doc_stride}: must be >= 0 and below --max-seq-len ({c.max_seq_len})")
     need(c.max_answer_len >= 1, f"--max-answer-len {c.max_answer_len}: must be at least 1")
     need(c.top_k >= 1, f"--top-k {c.top_k}: must be at least 1")
     need(c.batch_size is None or c.batch_size >= 1, f"--batch-size {c.batch_size}: must be at least 1")

@@ -1,0 +1,49 @@
+"""Reading: input resolution, schema checks, streaming windows over many files and encodings."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_parquet
+from pipeline.errors import UsageError
+from pipeline.read import plan_inputs, read_windows
+
+
+def test_windows_stream_across_files_with_mixed_string_encodings(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", {"id": [1, 2, 3], "passage": ["p1", "p2", "p3"],
+                                               "question": ["q1", "q2", "q3"]})
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({
+        "id": pa.array([4, 5], pa.int64()),
+        "passage": pa.array(["p4", None], pa.large_string()),
+        "question": pa.array(["q4", "q5"]).dictionary_encode(),
+    }), b, row_group_size=1)
+    plan = plan_inputs([str(a), str(b)], "passage", "question", None)
+    assert plan.id_col == "id" and plan.total_rows == 5
+    windows = list(read_windows(plan, rows_per_window=2))
+    assert [len(w) for w in windows] == [2, 2, 1]
+    assert [w.first_row for w in windows] == [0, 2, 4]
+    assert sum((w.passages for w in windows), []) == ["p1", "p2", "p3", "p4", None]
+    assert sum((w.questions for w in windows), []) == ["q1", "q2", "q3", "q4", "q5"]
+    assert sum((w.ids.to_pylist() for w in windows), []) == [1, 2, 3, 4, 5]
+    limited = list(read_windows(plan, rows_per_window=2, limit=3))
+    assert sum(len(w) for w in limited) == 3
+
+
+def test_zero_row_input_gives_no_window(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"passage": pa.array([], pa.string()), "question": pa.array([], pa.string())}), path)
+    plan = plan_inputs([str(path)], "passage", "question", None)
+    assert plan.total_rows == 0 and list(read_windows(plan, 10)) == []
+
+
+def test_custom_column_names_and_missing_keep_column(tmp_path):
+    path = write_parquet(tmp_path / "x.parquet", {"ctx": ["p"], "q": ["q"], "doc": ["d"]})
+    plan = plan_inputs([str(path)], "ctx", "q", "doc", ("ctx",))
+    assert plan.id_col == "doc"
+    with pytest.raises(UsageError, match="column 'title' is missing"):
+        plan_inputs([str(path)], "ctx", "q", None, ("title",))
+    with pytest.raises(UsageError, match="--passage-col"):
+        plan_inputs([str(path)], "passage", "q", None)
