@@ -266,3 +266,15 @@ def test_interrupt_leaves_no_output(tmp_path, bert_dir):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert sorted(os.listdir(tmp_path)) == ["big.parquet"]  # no output, no temporary file
+
+
+def test_zero_row_table_gives_an_empty_output_with_the_full_schema(tmp_path, bert_dir):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "passage": pa.array([], pa.string()),
+                             "question": pa.array([], pa.string())}), path)
+    r = run_cli("run", path, "-o", tmp_path / "out.parquet", "--model", bert_dir, "--top-k", 2)
+    assert r.returncode == 0, r.stderr
+    t = pq.read_table(tmp_path / "out.parquet")
+    assert t.num_rows == 0
+    assert t.column_names == ["id", "question", "answer", "answer_start", "answer_end", "score", "confidence",
+                              "null_score", "chunks", "error", "answers"]

@@ -108,3 +108,11 @@ def make_checkpoint(directory: str, family: str = "bert", seed: int = 0, padding
     model = AutoModelForQuestionAnswering.from_config(config)
     model.save_pretrained(directory)
     return directory
+
+
+if __name__ == "__main__":
+    # python tests/tiny_models.py DIR [bert|roberta|distilbert]: a random-weight checkpoint for
+    # trying qa-batch offline (its answers are meaningless; the pipeline around it is real).
+    import sys
+
+    print(make_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "bert"))
