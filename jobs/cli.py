@@ -65,6 +65,8 @@ def run(
     null_threshold: float = typer.Option(0.0, help="Margin the null score must beat the best span by (with --allow-null)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."),
+    quantize: str = typer.Option("none", help="int8: dynamic int8 linear layers, a faster CPU path "
+        "(answers can differ slightly from float32; see BENCHMARKS.md)."),
     batch_size: Optional[int] = typer.Option(None, show_default=False,
         help="Most chunks per forward pass. Default: 256 on CUDA, 8 on CPU."),
     max_batch_tokens: Optional[int] = typer.Option(None, show_default=False,
@@ -89,7 +91,7 @@ def run(
         passage_col=passage_col, question_col=question_col, id_col=id_col,
         keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns else (),
         max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len, top_k=top_k,
-        allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype,
+        allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window,
         limit=limit, overwrite=overwrite, quiet=quiet, report=report,
     )

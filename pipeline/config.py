@@ -30,6 +30,7 @@ class RunConfig:
     null_threshold: float = 0.0
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # "int8": dynamic int8 linear layers on the CPU
     batch_size: int | None = None  # chunks per forward; None: per-device default
     max_batch_tokens: int | None = None  # padded tokens per forward; None: batch_size x max_seq_len
     rows_per_window: int = 1024  # rows tokenized, sorted and merged together
@@ -43,7 +44,7 @@ class RunConfig:
         keys = (
             "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
             "doc_stride", "max_answer_len", "top_k", "allow_null", "null_threshold",
-            "dtype", "limit",
+            "dtype", "quantize", "limit",
         )
         return {k: v for k, v in asdict(self).items() if k in keys}
 

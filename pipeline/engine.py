@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import queue
+import resource
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ class RunSummary:
     chunks_per_s: float = 0.0
     padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
     oom_splits: int = 0
+    peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
     device: str = ""
     dtype: str = ""
     started_at: str = ""
@@ -131,7 +133,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     check_output(output, plan, config.overwrite)
 
     t_load = time.perf_counter()
-    loaded = loaded or load_model(config.model, config.device, config.dtype)
+    loaded = loaded or load_model(config.model, config.device, config.dtype, config.quantize)
     t_load = time.perf_counter() - t_load
     if config.max_seq_len > loaded.max_positions:
         raise UsageError(
@@ -293,6 +295,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     summary.chunks_per_s = round(summary.chunks / elapsed, 2) if elapsed else 0.0
     summary.padding_efficiency = round(real_tokens / padded_tokens, 4) if padded_tokens else 1.0
     summary.oom_splits = predictor.stats.oom_splits
+    summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(stages.items())}
     summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     writer.commit({"finished_at": summary.finished_at, "summary": summary.as_dict()})

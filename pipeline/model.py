@@ -118,7 +118,25 @@ def max_positions(model: torch.nn.Module, tokenizer) -> int:
     return int(limit)
 
 
-def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto") -> LoadedModel:
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 linear layers for the CPU: weights int8, activations quantized per batch.
+
+    Uses torch.ao.quantization.quantize_dynamic, deprecated in favour of torchao but built
+    into torch and fast on x86 without compilation; the QA head stays in float32.
+    """
+    try:
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise UsageError("--quantize int8 needs torch.ao.quantization, which this torch lacks") from None
+    spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("qa_outputs")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto",
+               quantize: str = "none") -> LoadedModel:
     """Load tokenizer and model with from_pretrained, from a local directory or the hub."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -128,6 +146,10 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
 
     device = resolve_device(device_spec)
     dtype = resolve_dtype(dtype_spec, device)
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize {quantize!r}: choose none or int8")
+    if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
+        raise UsageError("--quantize int8 runs on the CPU in float32: use it with --device cpu and --dtype auto")
 
     local = os.path.isdir(model_id)
     # Hub ids look like "name" or "org/name"; anything else is meant as a local path.
@@ -167,6 +189,8 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
 
         raise RuntimeFailure(f"could not move the model to {device}: {e}") from None
     model.eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
 
     # Feed only what forward() takes; token types only where they mean something (BERT yes,
     # RoBERTa with a single type and DistilBERT, which has no such input, no).
