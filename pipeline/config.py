@@ -33,6 +33,7 @@ class RunConfig:
     quantize: str = "none"  # "int8": dynamic int8 linear layers on the CPU
     batch_size: int | None = None  # chunks per forward; None: per-device default
     max_batch_tokens: int | None = None  # padded tokens per forward; None: batch_size x max_seq_len
+    cpu_workers: int | None = None  # CPU only: parallel single-threaded batches; None: torch's thread count
     rows_per_window: int = 1024  # rows tokenized, sorted and merged together
     limit: int | None = None
     overwrite: bool = False

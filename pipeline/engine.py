@@ -35,7 +35,7 @@ from .model import LoadedModel, load_model
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
 from .write import AtomicParquetWriter, answers_table, output_schema
 
-CPU_BATCH_SIZE = 8  # on a few CPU cores small batches stay in cache and win
+CPU_BATCH_SIZE = 4  # per CPU worker: small batches stay in cache and win (BENCHMARKS.md)
 CUDA_BATCH_SIZE = 256
 
 
@@ -106,6 +106,7 @@ def check_options(c: RunConfig) -> None:
     need(c.max_batch_tokens is None or c.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1")
     need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
+    need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
 
 
 def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
@@ -146,7 +147,9 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     pad_left = getattr(loaded.tokenizer, "padding_side", "right") == "left"
     chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2  # slack for duplicate char spans
-    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k)
+    threads_before = torch.get_num_threads()
+    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
+    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k, workers=cpu_workers)
 
     schema = output_schema(plan, config.top_k)
     metadata = {
@@ -206,42 +209,53 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     real_tokens = padded_tokens = 0
 
     # ---- consumer: infer, decode, merge, write (this thread) ----
-    current: _WindowStart | None = None
-    spans: WindowSpans | None = None
-    batches_left = 0
-    in_flight: collections.deque = collections.deque()  # (HostBatch, spans copied to host, event)
+    # Batches are submitted in order; `pending` holds those not yet collected, oldest first,
+    # so windows complete in input order. A window is merged and written once all its
+    # batches are collected.
+    open_windows: collections.deque = collections.deque()  # [_WindowStart, WindowSpans, batches left]
+    pending: collections.deque = collections.deque()  # (window entry, HostBatch, handle)
+    max_in_flight = 2 if on_cuda else 2 * predictor.workers
 
-    def finish_oldest() -> None:
-        nonlocal batches_left
-        hb, host, event = in_flight.popleft()
+    def collect_oldest() -> None:
+        entry, hb, handle = pending.popleft()
         t0 = time.perf_counter()
-        if event is not None:
-            event.synchronize()
-        stages["infer"] += time.perf_counter() - t0
+        try:
+            host = handle.result()
+        except RuntimeFailure:
+            raise
+        except RuntimeError as e:
+            raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
+        stages["infer_wait"] += time.perf_counter() - t0
+        window, spans = entry[0], entry[1]
         idx = hb.chunk_index
-        shift = (current.chunks.token_start[idx] - hb.ctx_start.numpy())[:, None]
+        shift = (window.chunks.token_start[idx] - hb.ctx_start.numpy())[:, None]  # chunk -> passage tokens
         spans.token_start[idx] = host.start.numpy() + shift
         spans.token_end[idx] = host.end.numpy() + shift
         spans.score[idx] = host.score.numpy()
         spans.null_score[idx] = host.null_score.numpy()
         spans.log_norm[idx] = host.log_norm.numpy()
-        batches_left -= 1
+        entry[2] -= 1
 
-    def finish_window() -> None:
-        t0 = time.perf_counter()
-        answers = merge_window(current.rows.passages, current.chunks, spans, config.top_k,
-                               config.allow_null, config.null_threshold)
-        t1 = time.perf_counter()
-        writer.write(answers_table(schema, current.rows, answers, config.top_k, plan.id_col))
-        stages["merge"] += t1 - t0
-        stages["write"] += time.perf_counter() - t1
-        summary.rows += len(answers)
-        summary.chunks += len(current.chunks)
-        summary.errors += sum(a.error is not None for a in answers)
-        summary.answered += sum(a.answer is not None for a in answers)
-        bar.update(len(answers))
+    def finish_complete_windows(all_submitted: bool) -> None:
+        # the newest window may still get batches unless everything has been submitted
+        while open_windows and open_windows[0][2] == 0 and (len(open_windows) > 1 or all_submitted):
+            window, spans, _ = open_windows.popleft()
+            t0 = time.perf_counter()
+            answers = merge_window(window.rows.passages, window.chunks, spans, config.top_k,
+                                   config.allow_null, config.null_threshold)
+            t1 = time.perf_counter()
+            writer.write(answers_table(schema, window.rows, answers, config.top_k, plan.id_col))
+            stages["merge"] += t1 - t0
+            stages["write"] += time.perf_counter() - t1
+            summary.rows += len(answers)
+            summary.chunks += len(window.chunks)
+            summary.errors += sum(a.error is not None for a in answers)
+            summary.answered += sum(a.answer is not None for a in answers)
+            bar.update(len(answers))
 
     try:
+        if cpu_workers > 1:
+            torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
         producer.start()
         while True:
             t0 = time.perf_counter()
@@ -249,43 +263,39 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
             stages["wait_for_input"] += time.perf_counter() - t0
             if isinstance(item, BaseException):
                 raise item
-            if item is _DONE or isinstance(item, _WindowStart):
-                while in_flight:
-                    finish_oldest()
-                if current is not None:
-                    finish_window()
-                if item is _DONE:
-                    break
-                current, batches_left = item, item.n_batches
-                spans = WindowSpans.empty(len(item.chunks), chunk_k)
+            if item is _DONE:
+                while pending:
+                    collect_oldest()
+                finish_complete_windows(all_submitted=True)
+                break
+            if isinstance(item, _WindowStart):
+                open_windows.append([item, WindowSpans.empty(len(item.chunks), chunk_k), item.n_batches])
+                finish_complete_windows(all_submitted=False)
                 continue
-            hb: HostBatch = item
             t1 = time.perf_counter()
             try:
-                device_spans = predictor(hb)
+                handle = predictor.submit(item)
+            except RuntimeFailure:
+                raise
             except RuntimeError as e:
-                if isinstance(e, RuntimeFailure):
-                    raise
                 raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
-            event = None
-            if on_cuda:
-                host = device_spans.to("cpu", non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                host = device_spans
-            stages["infer"] += time.perf_counter() - t1
-            real_tokens += hb.real_tokens
-            padded_tokens += hb.padded_tokens
-            in_flight.append((hb, host, event))
-            if len(in_flight) > 1:  # keep one batch queued on the GPU behind this one
-                finish_oldest()
+            stages["infer_launch"] += time.perf_counter() - t1
+            real_tokens += item.real_tokens
+            padded_tokens += item.padded_tokens
+            pending.append((open_windows[-1], item, handle))
+            while len(pending) > max_in_flight:
+                collect_oldest()
+            finish_complete_windows(all_submitted=False)
         producer.join()
     except BaseException:
         stop.set()
         writer.abort()
         bar.close()
         raise
+    finally:
+        predictor.close()
+        if cpu_workers > 1:
+            torch.set_num_threads(threads_before)
     bar.close()
 
     elapsed = time.perf_counter() - started

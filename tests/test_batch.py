@@ -70,3 +70,23 @@ def test_batched_answers_equal_one_chunk_at_a_time(tmp_path, bert_dir):
         margin = one["answers"][0]["score"] - one["answers"][1]["score"]
         if margin > 1e-4:  # random weights make near-ties; only those may flip with float rounding
             assert (one["answer_start"], one["answer_end"]) == (many["answer_start"], many["answer_end"])
+
+
+def test_parallel_cpu_workers_give_the_same_answers(tmp_path, bert_dir):
+    src = pq.read_table(SAMPLE).slice(0, 16)
+    path = tmp_path / "in.parquet"
+    pq.write_table(src, path)
+    threads = torch.get_num_threads()
+    tables = {}
+    for workers in (1, 3):
+        config = RunConfig(inputs=(str(path),), output=str(tmp_path / f"out{workers}.parquet"), model=bert_dir,
+                           cpu_workers=workers, batch_size=3, top_k=2, quiet=True, max_seq_len=96, doc_stride=32)
+        summary = run(config)
+        assert summary.chunks > 16
+        tables[workers] = pq.read_table(config.output).to_pylist()
+    assert torch.get_num_threads() == threads  # restored after the run
+    for one, many in zip(tables[1], tables[3]):
+        assert one["id"] == many["id"]
+        assert one["score"] == pytest.approx(many["score"], abs=1e-4)
+        if one["answers"][0]["score"] - one["answers"][1]["score"] > 1e-4:
+            assert (one["answer_start"], one["answer_end"]) == (many["answer_start"], many["answer_end"])

@@ -21,9 +21,13 @@ def brute_force(start, end, ctx_start, ctx_len, max_answer_len):
     return [(s, e, -neg) for neg, s, e in spans]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("k", [1, 3])
-def test_matches_brute_force(seed, k):
+def test_matches_brute_force(seed, k, device):
     g = torch.Generator().manual_seed(seed)
     B, L = 7, 41
     integer = seed % 2 == 0  # small integer logits: many exact ties
@@ -38,7 +42,7 @@ def test_matches_brute_force(seed, k):
     ctx_len[1] = 1
     cls_pos = torch.zeros(B, dtype=torch.long)
     A = [1, 4, 30][seed % 3]
-    out = search_spans(start, end, ctx_start, ctx_len, cls_pos, A, k)
+    out = search_spans(*(t.to(device) for t in (start, end, ctx_start, ctx_len, cls_pos)), A, k).to("cpu")
     for b in range(B):
         ref = brute_force(start[b].tolist(), end[b].tolist(), int(ctx_start[b]), int(ctx_len[b]), A)
         mine = [(int(s), int(e), float(v)) for s, e, v in zip(out.start[b], out.end[b], out.score[b])

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One prepared run on a CUDA machine with no network (see BENCHMARKS.md):
+#   .whl/  transformers 5.2.0 + tokenizers 0.22.2 wheels (the old pipeline), bert-tokenizer/, squad.json
+# 1. CUDA checks: the span-search tests on the GPU, and the sample job on cuda vs cpu;
+# 2. the benchmark (old pipeline, qa-batch, bare loop, matmul peak) into $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/qa-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=true
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ref .whl/transformers-*.whl .whl/tokenizers-*.whl
+nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
+
+echo "== CUDA checks"
+python3 -m pytest -q -p no:cacheprovider tests/test_spans.py tests/test_engine.py 2>&1 | tail -3
+python3 tests/tiny_models.py /tmp/tiny >/dev/null
+for dev in cpu cuda; do
+  python3 -m jobs.cli run data/sample.parquet -o /tmp/sample-$dev.parquet --model /tmp/tiny --device $dev --dtype float32 --top-k 2 --overwrite
+done
+python3 -m jobs.cli run data/sample.parquet -o /tmp/sample-fp16.parquet --model /tmp/tiny --device cuda --overwrite --batch-size 7
+python3 - <<'PY'
+import pyarrow.parquet as pq
+a, b, h = (pq.read_table(f"/tmp/sample-{d}.parquet").to_pylist() for d in ("cpu", "cuda", "fp16"))
+src = pq.read_table("data/sample.parquet")["passage"].to_pylist()
+same = sum((x["answer_start"], x["answer_end"]) == (y["answer_start"], y["answer_end"]) for x, y in zip(a, b))
+near = max(abs(x["score"] - y["score"]) for x, y in zip(a, b))
+exact = all(p[r["answer_start"]:r["answer_end"]] == r["answer"] for rows in (b, h) for p, r in zip(src, rows))
+fp16 = sum((x["answer_start"], x["answer_end"]) == (y["answer_start"], y["answer_end"]) for x, y in zip(a, h))
+print(f"cuda fp32 vs cpu: same span {same}/{len(a)}, max score diff {near:.2e}; fp16 same span {fp16}/{len(a)}; offsets exact: {exact}")
+PY
+
+echo "== benchmark"
+QA_BENCH_REF_PYTHONPATH=/tmp/ref QA_BENCH_TOKENIZER=$PWD/.whl/bert-tokenizer \
+  timeout ${BENCH_TIMEOUT:-420} python3 benchmarks/run.py --device cuda --ref-python python3 --squad .whl/squad.json \
+  --work /tmp/bench --rows "${BENCH_ROWS:-long=120,short=626}" --no-append --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
