@@ -70,7 +70,10 @@ def collate(
         types[b, s : s + n] = chunks.type_ids[i]
         mask[b, s : s + n] = 1
     arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
-    inputs = {name: torch.from_numpy(arrays[name]) for name in input_names}
+    # An all-ones mask means no mask: leaving it out lets SDPA pick its fastest kernel.
+    unpadded = bool((lengths == width).all())
+    inputs = {name: torch.from_numpy(arrays[name]) for name in input_names
+              if not (name == "attention_mask" and unpadded)}
     if pin:
         inputs = {k: v.pin_memory() for k, v in inputs.items()}
     return HostBatch(

@@ -48,7 +48,7 @@ def test_padding_side_changes_no_span(bert_tokenizer, pad_left):
         s = int(out.start[b, 0]) - int(hb.ctx_start[b])
         assert 0 <= s < cs.ctx_len[c]
         assert ids[b, int(hb.cls_pos[b])] == bert_tokenizer.cls_token_id
-        mask = hb.inputs["attention_mask"][b]
+        mask = hb.inputs.get("attention_mask", torch.ones_like(ids))[b]
         assert int(mask.sum()) == len(cs.input_ids[c])
         assert ids[b][mask.bool()].tolist() == cs.input_ids[c].tolist()
 
@@ -90,3 +90,13 @@ def test_parallel_cpu_workers_give_the_same_answers(tmp_path, bert_dir):
         assert one["score"] == pytest.approx(many["score"], abs=1e-4)
         if one["answers"][0]["score"] - one["answers"][1]["score"] > 1e-4:
             assert (one["answer_start"], one["answer_end"]) == (many["answer_start"], many["answer_end"])
+
+
+def test_batches_without_padding_carry_no_mask(bert_tokenizer):
+    cs = Chunker(bert_tokenizer, 32, 8)(["the normans " * 40], ["who?"])
+    names = ("input_ids", "token_type_ids", "attention_mask")
+    full = np.flatnonzero(cs.lengths == 32)
+    assert len(full) >= 2
+    assert "attention_mask" not in collate(cs, full, names, 0).inputs
+    assert "attention_mask" in collate(cs, np.arange(len(cs)), names, 0).inputs  # the last chunk is short
+    assert "attention_mask" in collate(cs, full, names, 0, pad_multiple=48).inputs
