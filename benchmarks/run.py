@@ -84,7 +84,8 @@ def run_qa_batch(ckpt: str, inp: str, out: str, device: str, seq: int, stride: i
 
 def same_spans(a: list, b: list) -> float:
     """Share of rows whose answer has the same character offsets."""
-    return sum(tuple(x) == tuple(y) for x, y in zip(a, b)) / max(len(a), 1)
+    n = min(len(a), len(b))  # the reference may have answered only the first rows
+    return sum(tuple(x) == tuple(y) for x, y in zip(a[:n], b[:n])) / max(n, 1)
 
 
 def bare_loop(ckpt: str, inp: str, seq: int, stride: int, batch: int = 256) -> float:
@@ -171,6 +172,9 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="small,base,large (default: small on CPU, base,large on CUDA)")
     ap.add_argument("--datasets", default="long,short")
     ap.add_argument("--rows", default=None, help="rows per dataset, e.g. long=24,short=200")
+    ap.add_argument("--ref-rows", default=None,
+                    help="rows the old pipeline answers per dataset (default: as --rows); on a GPU it is "
+                         "30x slower, so fewer rows keep the run short while qa-batch gets enough to warm up")
     ap.add_argument("--ref-python", default=os.path.join(HERE, "work", "ref-venv", "bin", "python"))
     ap.add_argument("--ref-batch-sizes", default=None, help="default: 1,8,64 on CPU, 64 on CUDA")
     ap.add_argument("--variants", default=None,
@@ -187,6 +191,7 @@ def main() -> None:
     sizes = (args.sizes or ("base,large" if cuda else "small")).split(",")
     ref_bs = [int(b) for b in (args.ref_batch_sizes or ("64" if cuda else "1,8,64")).split(",")]
     rows = dict(kv.split("=") for kv in (args.rows or ("long=200,short=626" if cuda else "long=24,short=200")).split(","))
+    ref_rows = {**rows, **dict(kv.split("=") for kv in args.ref_rows.split(","))} if args.ref_rows else rows
     variants = [v.split() for v in args.variants.split(";")] if args.variants else []
     seq, stride = args.max_seq_len, args.doc_stride
     dtype = "float16" if cuda else "float32"
@@ -203,7 +208,9 @@ def main() -> None:
         ckpt = make_checkpoint(args.work, size)
         for ds in args.datasets.split(","):
             inp = subset(inputs[ds], int(rows[ds]), os.path.join(args.work, f"{ds}-{rows[ds]}.parquet"))
-            refs = {bs: run_reference(args.ref_python, ckpt, inp, bs, args.device, dtype, seq, stride) for bs in ref_bs}
+            ref_inp = subset(inputs[ds], int(ref_rows[ds]), os.path.join(args.work, f"{ds}-{ref_rows[ds]}.parquet"))
+            refs = {bs: run_reference(args.ref_python, ckpt, ref_inp, bs, args.device, dtype, seq, stride)
+                    for bs in ref_bs}
             best_bs = max(refs, key=lambda b: refs[b]["rows"] / refs[b]["seconds"])
             ref = refs[best_bs]
             float32_answers = None
@@ -213,8 +220,8 @@ def main() -> None:
                 agree = same_spans(ours["answers"], ref["answers"])
                 float32_answers = float32_answers or ours["answers"]
                 run = {
-                    "size": size, "dataset": ds, "variant": " ".join(extra) or "default", "rows": ref["rows"],
-                    "chunks": ours["chunks"], "ref_batch_size": best_bs,
+                    "size": size, "dataset": ds, "variant": " ".join(extra) or "default", "rows": ours["rows"],
+                    "ref_rows": ref["rows"], "chunks": ours["chunks"], "ref_batch_size": best_bs,
                     "ref_rows_per_s": {b: r["rows"] / r["seconds"] for b, r in refs.items()},
                     "ref_chunks_per_s": ref["chunks"] / ref["seconds"], "ref_peak_rss_mb": ref["peak_rss_mb"],
                     "qa_rows_per_s": ours["rows"] / ours["seconds"], "qa_chunks_per_s": ours["chunks"] / ours["seconds"],
@@ -250,7 +257,7 @@ def markdown(results: dict, cuda: bool) -> str:
                  f"each pair encoded {tk['pair_s'] * 1000:.0f} ms, qa-batch {tk['qa_batch_s'] * 1000:.0f} ms, "
                  f"{tk['speedup']:.1f}x; identical input_ids: {tk['identical_input_ids']}.")
     lines.append("")
-    head = ("| model | data | qa-batch variant | rows | chunks | old pipeline rows/s by batch size | old chunks/s (best) "
+    head = ("| model | data | qa-batch variant | rows (old pipeline's) | chunks | old pipeline rows/s by batch size | old chunks/s (best) "
             "| qa-batch rows/s | qa-batch chunks/s | ratio | same span as old / as default | padding eff. | stage share (s) | peak RSS old / qa-batch (MB) |")
     if cuda:
         head += " bare loop chunks/s | qa-batch / bare | MFU |"
@@ -258,7 +265,7 @@ def markdown(results: dict, cuda: bool) -> str:
     for r in results["runs"]:
         refs = ", ".join(f"{b}: {v:.2f}" for b, v in r["ref_rows_per_s"].items())
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items() if v >= 0.05)
-        line = (f"| {r['size']} | {r['dataset']} | {r['variant']} | {r['rows']} | {r['chunks']} | {refs} | "
+        line = (f"| {r['size']} | {r['dataset']} | {r['variant']} | {r['rows']} ({r['ref_rows']}) | {r['chunks']} | {refs} | "
                 f"{r['ref_chunks_per_s']:.1f} | {r['qa_rows_per_s']:.2f} | {r['qa_chunks_per_s']:.1f} | "
                 f"{r['ratio']:.2f}x | {r['agreement'] * 100:.0f}% / {r['agreement_vs_default'] * 100:.0f}% | {r['padding_efficiency']:.2f} | {stages} | "
                 f"{r['ref_peak_rss_mb']:.0f} / {r['qa_peak_rss_mb'] or 0:.0f} |")

@@ -35,16 +35,25 @@ class HostBatch:
         return b * t
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
-    """Chunk indices per batch: longest first, each batch within both limits (at least one chunk)."""
+def plan_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int,
+                 max_waste: float = 0.25) -> list[np.ndarray]:
+    """Chunk indices per batch: longest first, each batch within both limits (at least one chunk).
+
+    Once a batch holds a quarter of what fits, it also ends where the next chunk would waste
+    more than `max_waste` of its row on padding, so short chunks are not padded to long ones.
+    """
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     begin = 0
     while begin < len(order):
-        longest = int(lengths[order[begin]])
-        take = max(1, min(batch_size, max_batch_tokens // max(longest, 1)))
-        batches.append(order[begin : begin + take])
-        begin += take
+        width = int(lengths[order[begin]])
+        fits = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+        stop = min(len(order), begin + fits)
+        short = np.flatnonzero(lengths[order[begin:stop]] < (1 - max_waste) * width)
+        first_short = begin + int(short[0]) if len(short) else stop
+        end = max(first_short, min(stop, begin + max(1, fits // 4)))
+        batches.append(order[begin:end])
+        begin = end
     return batches
 
 

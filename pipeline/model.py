@@ -135,6 +135,21 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+def warm_up(model: torch.nn.Module, device: torch.device, input_names: tuple[str, ...], tokenizer) -> None:
+    """One small forward before any data: CUDA libraries initialise here, and a model that
+    cannot run on the device fails now (exit code 3) rather than after reading the input."""
+    from .errors import RuntimeFailure
+
+    ids = torch.full((2, 16), tokenizer.unk_token_id or 0, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    try:
+        with torch.inference_mode():
+            model(**{n: inputs[n] for n in input_names})
+        torch.cuda.synchronize(device)
+    except RuntimeError as e:
+        raise RuntimeFailure(f"the model does not run on {device}: {e}") from None
+
+
 def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto",
                quantize: str = "none") -> LoadedModel:
     """Load tokenizer and model with from_pretrained, from a local directory or the hub."""
@@ -200,6 +215,8 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
         makes.add("token_type_ids")
     input_names = tuple(n for n in _MODEL_INPUTS if n in takes and n in makes)
 
+    if device.type == "cuda":
+        warm_up(model, device, input_names, tokenizer)
     revision = content_hash(model_id) if local else getattr(model.config, "_commit_hash", None)
     return LoadedModel(
         model=model,

@@ -28,6 +28,11 @@ def test_plan_batches_respects_both_limits_and_takes_every_chunk_once():
     real = sum(lengths[b].sum() for b in batches)
     padded = sum(len(b) * lengths[b].max() for b in batches)
     assert real / padded > 0.95
+    # few chunks of very different lengths: a batch stops before padding short chunks to long ones
+    few = np.array([384] * 10 + [100] * 30)
+    cut = plan_batches(few, batch_size=64, max_batch_tokens=64 * 384)
+    assert [len(b) for b in cut] == [16, 24]  # a quarter of 64 at least, then the short ones apart
+    assert [len(b) for b in plan_batches(few, 256, 10**9, max_waste=1.0)] == [40]
     # a chunk longer than the budget still gets a batch of its own
     assert [len(b) for b in plan_batches(np.array([100, 10]), 8, 50)] == [1, 1]
 
