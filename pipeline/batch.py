@@ -83,13 +83,17 @@ def collate(
     unpadded = bool((lengths == width).all())
     inputs = {name: torch.from_numpy(arrays[name]) for name in input_names
               if not (name == "attention_mask" and unpadded)}
-    if pin:
+    ctx_start = torch.from_numpy(chunks.ctx_start[index] + shift)
+    ctx_len = torch.from_numpy(chunks.ctx_len[index])
+    cls_pos = torch.from_numpy(chunks.cls_pos[index] + shift)
+    if pin:  # every tensor: a copy from pageable memory would wait for the GPU to go idle
         inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        ctx_start, ctx_len, cls_pos = ctx_start.pin_memory(), ctx_len.pin_memory(), cls_pos.pin_memory()
     return HostBatch(
         chunk_index=index,
         inputs=inputs,
-        ctx_start=torch.from_numpy(chunks.ctx_start[index] + shift),
-        ctx_len=torch.from_numpy(chunks.ctx_len[index]),
-        cls_pos=torch.from_numpy(chunks.cls_pos[index] + shift),
+        ctx_start=ctx_start,
+        ctx_len=ctx_len,
+        cls_pos=cls_pos,
         real_tokens=int(lengths.sum()),
     )
