@@ -55,6 +55,7 @@ class RunSummary:
     padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
     oom_splits: int = 0
     peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
+    model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row
     device: str = ""
     dtype: str = ""
     started_at: str = ""
@@ -80,6 +81,14 @@ class _WindowStart:
 
 
 _DONE = object()
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError):  # not Linux
+        return 0.0
 
 
 def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
@@ -136,6 +145,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     t_load = time.perf_counter()
     loaded = loaded or load_model(config.model, config.device, config.dtype, config.quantize)
     t_load = time.perf_counter() - t_load
+    model_rss_mb = _current_rss_mb()
     if config.max_seq_len > loaded.max_positions:
         raise UsageError(
             f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
@@ -161,7 +171,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
         "started_at": started_at,
     }
     summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=started_at)
+                         started_at=started_at, model_rss_mb=model_rss_mb)
     stages = collections.Counter(load_model=t_load)
     total_rows = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
 
