@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import typer
 
 from pipeline import __version__
 from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_USAGE, QaBatchError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, QaBatchError
 
 app = typer.Typer(
     add_completion=False,
@@ -21,7 +23,8 @@ app = typer.Typer(
         "Reads (passage, question) rows, splits long passages into overlapping chunks, runs any "
         "Hugging Face AutoModelForQuestionAnswering checkpoint over them in large batches and "
         "writes each row's best answer span, with character offsets and scores, to Parquet.\n\n"
-        "Exit codes: 0 done, 2 bad usage or input, 3 model or device failure, 130 interrupted."
+        "Exit codes: 0 done, 2 bad usage or input, 3 model or device failure, 130 interrupted "
+        "(SIGINT), 143 terminated (SIGTERM). An interrupted run resumes when rerun."
     ),
 )
 
@@ -76,6 +79,8 @@ def run(
     rows_per_window: int = typer.Option(1024, help="Rows tokenized, length-sorted and merged together."),
     limit: Optional[int] = typer.Option(None, show_default=False, help="Answer only the first N rows."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    restart: bool = typer.Option(False, "--restart",
+        help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
     report: Optional[str] = typer.Option(None, show_default=False,
         help="Write the run summary (counts, throughput, stage times) as JSON to this path."),
@@ -95,18 +100,44 @@ def run(
         max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len, top_k=top_k,
         allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
-        limit=limit, overwrite=overwrite, quiet=quiet, report=report,
+        limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
     )
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        # First signal: stop after the batches in flight, keeping finished parts.
+        # Second: leave at once; the parts on disk are whole, so a rerun still resumes.
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(_exit_code(signum))
+        typer.echo(f"qa-batch: {signal.Signals(signum).name}: finishing the batches in flight "
+                   "(send it again to stop at once)", err=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    resume_hint = "rerun the same command to resume, or add --restart to start over"
     try:
-        summary = run_engine(config)
+        summary = run_engine(config, stop_requested=stop)
+    except Interrupted as e:
+        typer.echo(f"qa-batch: interrupted after {e.rows_done} rows; finished parts are in {e.work_dir}: "
+                   f"{resume_hint}", err=True)
+        raise typer.Exit(_exit_code(received[0] if received else signal.SIGINT))
     except QaBatchError as e:
         typer.echo(f"qa-batch: error: {e.message}", err=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
-        typer.echo("qa-batch: interrupted; no output was written", err=True)
+        typer.echo(f"qa-batch: interrupted; {resume_hint}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.resumed_from_row and not quiet:
+        typer.echo(f"qa-batch: resumed after row {summary.resumed_from_row} of an interrupted run", err=True)
     if not quiet:
         typer.echo(summary.line(), err=True)
+
+
+def _exit_code(signum: int) -> int:
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ class RunConfig:
     rows_per_window: int = 1024  # rows tokenized, sorted and merged together
     limit: int | None = None
     overwrite: bool = False
+    restart: bool = False  # discard the parts of an interrupted run instead of resuming it
     quiet: bool = False
     report: str | None = None
 

@@ -24,16 +24,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, faults
 from .batch import HostBatch, collate, plan_batches
 from .chunk import ChunkSet, Chunker
 from .config import RunConfig
-from .errors import RuntimeFailure, UsageError
+from .errors import Interrupted, RuntimeFailure, UsageError
 from .infer import Predictor
 from .merge import WindowSpans, merge_window
 from .model import LoadedModel, load_model
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
-from .write import AtomicParquetWriter, answers_table, output_schema
+from .resume import WorkDir, input_fingerprint, work_dir_for
+from .write import answers_table, output_schema, read_metadata
 
 CPU_BATCH_SIZE = 4  # per CPU worker: small batches stay in cache and win (BENCHMARKS.md)
 CUDA_BATCH_SIZE = 256
@@ -54,6 +55,8 @@ class RunSummary:
     chunks_per_s: float = 0.0
     padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
     oom_splits: int = 0
+    resumed_from_row: int = 0  # rows an interrupted run had already answered
+    rows_this_run: int = 0  # rows answered by this run (the rest came from earlier parts)
     peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
     model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row
     device: str = ""
@@ -132,14 +135,24 @@ def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
         raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
 
 
-def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
-    """Answer every row of the inputs and write the output; raise QaBatchError on failure."""
+def run(config: RunConfig, loaded: LoadedModel | None = None,
+        stop_requested: threading.Event | None = None) -> RunSummary:
+    """Answer every row of the inputs and write the output; raise QaBatchError on failure.
+
+    Finished windows are kept as parts in `<output>.partial/`, so rerunning the same
+    command after a failure or an interruption goes on where it stopped. Setting
+    `stop_requested` stops the run after the batches in flight (raises Interrupted).
+    """
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     check_options(config)
     plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                        config.keep_columns)
     output = config.output or default_output(config.inputs, plan.files)
+    parts = WorkDir(work_dir_for(output))
+    if parts.assembled and os.path.exists(output) and not config.restart:
+        parts.remove()  # the last run wrote the output and died cleaning up: nothing left to do
+        return _reported(RunSummary(**{**read_metadata(output)["summary"], "output": output}), config)
     check_output(output, plan, config.overwrite)
 
     t_load = time.perf_counter()
@@ -170,8 +183,17 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "started_at": started_at,
     }
+    parts.check_or_create({
+        "inputs": input_fingerprint(plan),
+        "model": metadata["model"],
+        "options": {**config.answer_options(), "device": metadata["device"], "dtype": metadata["dtype"],
+                    "quantize": config.quantize, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                    "rows_per_window": config.rows_per_window},
+        "schema": schema.to_string(),
+    }, config.restart)
+    start_row = parts.finished_rows()
     summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=started_at, model_rss_mb=model_rss_mb)
+                         started_at=started_at, model_rss_mb=model_rss_mb, resumed_from_row=start_row)
     stages = collections.Counter(load_model=t_load)
     total_rows = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
 
@@ -189,13 +211,14 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
 
     def produce() -> None:
         try:
-            windows = read_windows(plan, config.rows_per_window, config.limit)
+            windows = read_windows(plan, config.rows_per_window, config.limit, start_row)
             while not stop.is_set():
                 t0 = time.perf_counter()
                 rows = next(windows, None)
                 if rows is None:
                     break
                 t1 = time.perf_counter()
+                faults.point("read")
                 chunks = chunker(rows.passages, rows.questions)
                 t2 = time.perf_counter()
                 batches = plan_batches(chunks.lengths, batch_size, max_batch_tokens)
@@ -213,8 +236,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
             put(e)
 
     producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True)
-    writer = AtomicParquetWriter(output, schema, metadata)
-    bar = tqdm(total=total_rows, unit="row", dynamic_ncols=True,
+    bar = tqdm(total=total_rows, initial=start_row, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     real_tokens = padded_tokens = 0
 
@@ -245,6 +267,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
         spans.null_score[idx] = host.null_score.numpy()
         spans.log_norm[idx] = host.log_norm.numpy()
         entry[2] -= 1
+        faults.point("batch")
 
     def finish_complete_windows(all_submitted: bool) -> None:
         # the newest window may still get batches unless everything has been submitted
@@ -254,7 +277,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
             answers = merge_window(window.rows.passages, window.chunks, spans, config.top_k,
                                    config.allow_null, config.null_threshold)
             t1 = time.perf_counter()
-            writer.write(answers_table(schema, window.rows, answers, config.top_k, plan.id_col))
+            parts.write_part(window.rows.first_row,
+                             answers_table(schema, window.rows, answers, config.top_k, plan.id_col))
             stages["merge"] += t1 - t0
             stages["write"] += time.perf_counter() - t1
             summary.rows += len(answers)
@@ -268,8 +292,18 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
             torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
         producer.start()
         while True:
+            if stop_requested is not None and stop_requested.is_set():
+                stop.set()  # no new work; finish the batches in flight and keep whole windows
+                while pending:
+                    collect_oldest()
+                finish_complete_windows(all_submitted=False)
+                raise Interrupted(summary.rows + start_row, parts.path)
             t0 = time.perf_counter()
-            item = work.get()
+            try:
+                item = work.get(timeout=0.2)
+            except queue.Empty:
+                stages["wait_for_input"] += time.perf_counter() - t0
+                continue
             stages["wait_for_input"] += time.perf_counter() - t0
             if isinstance(item, BaseException):
                 raise item
@@ -298,8 +332,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
             finish_complete_windows(all_submitted=False)
         producer.join()
     except BaseException:
-        stop.set()
-        writer.abort()
+        stop.set()  # finished parts stay in the work directory for the next run
         bar.close()
         raise
     finally:
@@ -309,8 +342,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     bar.close()
 
     elapsed = time.perf_counter() - started
-    summary.null = summary.rows - summary.answered - summary.errors
-    summary.elapsed_s = round(elapsed, 3)
+    summary.elapsed_s = round(elapsed, 3)  # throughput: the rows answered by this run
+    summary.rows_this_run = summary.rows
     summary.rows_per_s = round(summary.rows / elapsed, 2) if elapsed else 0.0
     summary.chunks_per_s = round(summary.chunks / elapsed, 2) if elapsed else 0.0
     summary.padding_efficiency = round(real_tokens / padded_tokens, 4) if padded_tokens else 1.0
@@ -318,7 +351,21 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> RunSummary:
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(stages.items())}
     summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    writer.commit({"finished_at": summary.finished_at, "summary": summary.as_dict()})
+    t0 = time.perf_counter()
+
+    def final_metadata(counts: dict) -> bytes:
+        # counts cover every part, those of earlier interrupted runs too
+        summary.rows, summary.chunks = counts["rows"], counts["chunks"]
+        summary.answered, summary.errors = counts["answered"], counts["errors"]
+        summary.null = summary.rows - summary.answered - summary.errors
+        return json.dumps({**metadata, "finished_at": summary.finished_at, "summary": summary.as_dict()}).encode()
+
+    parts.assemble(output, schema, final_metadata)
+    summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+    return _reported(summary, config)
+
+
+def _reported(summary: RunSummary, config: RunConfig) -> RunSummary:
     if config.report:
         with open(config.report, "w") as f:
             json.dump(summary.as_dict(), f, indent=2)

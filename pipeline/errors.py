@@ -5,7 +5,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad options, bad input, model not found
 EXIT_RUNTIME = 3  # the model or the device failed while running
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM
 
 
 class QaBatchError(Exception):
@@ -28,3 +29,12 @@ class RuntimeFailure(QaBatchError):
     """The model or the device failed during the run."""
 
     exit_code = EXIT_RUNTIME
+
+
+class Interrupted(Exception):
+    """The run stopped on request after keeping every finished window; rerun to resume."""
+
+    def __init__(self, rows_done: int, work_dir: str):
+        super().__init__(f"stopped after {rows_done} rows")
+        self.rows_done = rows_done
+        self.work_dir = work_dir

@@ -163,17 +163,20 @@ def _plain_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None) -> Iterator[RowBatch]:
+def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None,
+                 start_row: int = 0) -> Iterator[RowBatch]:
     """Stream the inputs as windows of at most `rows_per_window` rows, in input order.
 
     Memory holds one Parquet record batch and one window, whatever the table's size.
+    `start_row` skips rows already answered (whole files and row groups unread).
     """
     columns = [plan.passage_col, plan.question_col]
     if plan.id_col:
         columns.append(plan.id_col)
     columns += [c for c in plan.keep_columns if c not in columns]
-    remaining = plan.total_rows if limit is None else min(limit, plan.total_rows)
-    row = 0
+    remaining = (plan.total_rows if limit is None else min(limit, plan.total_rows)) - start_row
+    row = start_row
+    skip = start_row
     pending: list[dict[str, pa.Array]] = []
     pending_rows = 0
     text_cols = {plan.passage_col, plan.question_col}
@@ -208,7 +211,15 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
             break
         try:
             pf = pq.ParquetFile(path)
-            for rb in pf.iter_batches(batch_size=rows_per_window, columns=columns):
+            groups = list(range(pf.metadata.num_row_groups))
+            while groups and skip >= pf.metadata.row_group(groups[0]).num_rows:  # unread, whole
+                skip -= pf.metadata.row_group(groups.pop(0)).num_rows
+            if not groups:
+                continue
+            for rb in pf.iter_batches(batch_size=rows_per_window, columns=columns, row_groups=groups):
+                if skip:
+                    take = min(skip, rb.num_rows)
+                    rb, skip = rb.slice(take), skip - take
                 rb = rb.slice(0, min(rb.num_rows, remaining))
                 remaining -= rb.num_rows
                 while rb.num_rows:

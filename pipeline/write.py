@@ -1,15 +1,12 @@
-"""Write stage: answers to Parquet, atomically.
+"""Write stage: the output schema and the answers of a window as an Arrow table.
 
-Rows go to a hidden temporary file in the output's directory; only a finished run renames
-it to the output path (os.replace is atomic on one filesystem). A failed or interrupted
-run removes the temporary file and never leaves a partial output behind.
+Windows are written as parts of a work directory and become the output file in one
+rename at the end (resume.py), so no partial output ever stands at the output path.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,35 +72,6 @@ def answers_table(schema: pa.Schema, rows: RowBatch, answers: list[RowAnswer], t
         if name not in cols:
             cols[name] = arr
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
-
-
-class AtomicParquetWriter:
-    """A ParquetWriter on a temporary file that becomes `path` only on commit()."""
-
-    def __init__(self, path: str, schema: pa.Schema, metadata: dict):
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        self.path = path
-        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="zstd")
-        self.metadata = metadata
-
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-
-    def commit(self, extra_metadata: dict) -> None:
-        """Close with the final metadata (end time, counts) and move into place."""
-        self._writer.add_key_value_metadata(
-            {METADATA_KEY: json.dumps({**self.metadata, **extra_metadata})})
-        self._writer.close()
-        os.replace(self.tmp_path, self.path)
-
-    def abort(self) -> None:
-        try:
-            self._writer.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.unlink(self.tmp_path)
 
 
 def read_metadata(path: str) -> dict:

@@ -1,0 +1,161 @@
+"""Resume after a crash, signals, and failures while writing: nothing lost, nothing twice.
+
+Each test runs qa-batch as a subprocess, stops it (a real SIGKILL at a chosen point via
+QA_BATCH_CRASH_AT, or SIGINT/SIGTERM), reruns the same command and compares the output
+with an uninterrupted run row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, SAMPLE, run_cli
+
+OPTIONS = ["--rows-per-window", "4", "--max-seq-len", "128", "--doc-stride", "32", "--top-k", "2"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, checkpoints):
+    """An input of several windows and the output of an uninterrupted run."""
+    base = tmp_path_factory.mktemp("resume")
+    src = pq.read_table(SAMPLE)
+    inp = base / "in.parquet"
+    pq.write_table(src, inp, row_group_size=7)  # windows and row groups do not line up
+    ref = base / "reference.parquet"
+    r = run_cli("run", inp, "-o", ref, "--model", checkpoints["bert"], *OPTIONS)
+    assert r.returncode == 0, r.stderr
+    return {"input": inp, "reference": pq.read_table(ref), "model": checkpoints["bert"]}
+
+
+def command(job, out, *extra, input=None):
+    return [sys.executable, "-m", "jobs.cli", "run", str(input or job["input"]), "-o", str(out),
+            "--model", job["model"], *OPTIONS, *extra]
+
+
+def env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def rows_in_parts(out) -> int:
+    work = str(out) + ".partial"
+    if not os.path.isdir(work):
+        return 0
+    return sum(pq.read_metadata(os.path.join(work, n)).num_rows for n in os.listdir(work)
+               if n.startswith("part-") and n.endswith(".parquet"))
+
+
+def rerun_and_compare(job, out, tmp_path):
+    before = rows_in_parts(out)
+    report = tmp_path / "report.json"
+    r = subprocess.run(command(job, out, "--report", str(report)), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).equals(job["reference"])  # every row once, in order, same answers
+    assert not os.path.exists(str(out) + ".partial")
+    rep = json.loads(report.read_text())
+    total = job["reference"].num_rows
+    assert rep["rows"] == total
+    if "resumed" not in r.stderr:  # the output was already complete: only the clean-up was left
+        return 0
+    assert rep["resumed_from_row"] == before
+    assert rep["rows_this_run"] == total - before  # no finished row answered again
+    return before
+
+
+@pytest.mark.parametrize("point", ["read:2", "read:7", "batch:1", "batch:40", "part_written:1", "part_written:5",
+                                   "assembling:3", "renaming:1", "cleaning_up:1"])
+def test_sigkill_anywhere_then_resume(job, tmp_path, point):
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(command(job, out), capture_output=True, text=True, env=env(QA_BATCH_CRASH_AT=point), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    if point != "cleaning_up:1":
+        assert not out.exists()  # never a partial output at the final path
+    rerun_and_compare(job, out, tmp_path)
+
+
+def wait_for_parts(out, n, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and rows_in_parts(out) < n * 4:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_keeps_parts_and_resumes(job, tmp_path, sig, code):
+    out = tmp_path / "out.parquet"
+    proc = subprocess.Popen(command(job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=ROOT)
+    wait_for_parts(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "rerun the same command to resume" in err
+    assert not out.exists()
+    assert rows_in_parts(out) >= 8
+    assert rerun_and_compare(job, out, tmp_path) > 0
+
+
+def test_second_signal_exits_at_once_and_resume_still_works(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    proc = subprocess.Popen(command(job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=ROOT)
+    wait_for_parts(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert not out.exists()
+    rerun_and_compare(job, out, tmp_path)
+
+
+def test_a_different_job_is_refused_until_restart(job, tmp_path):
+    inp = tmp_path / "in.parquet"
+    inp.write_bytes(job["input"].read_bytes())
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(command(job, out, input=inp), capture_output=True, text=True,
+                       env=env(QA_BATCH_CRASH_AT="part_written:3"), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    assert rows_in_parts(out) == 8
+    # another answer-changing option
+    r = run_cli("run", inp, "-o", out, "--model", job["model"], *OPTIONS, "--max-answer-len", "5")
+    assert r.returncode == 2
+    assert "option max_answer_len differs: 30 then, 5 now" in r.stderr and "--restart" in r.stderr
+    # a changed input
+    os.utime(inp, ns=(time.time_ns(), time.time_ns() + 10**9))
+    r = run_cli("run", inp, "-o", out, "--model", job["model"], *OPTIONS)
+    assert r.returncode == 2 and "changed since the interrupted run" in r.stderr
+    assert rows_in_parts(out) == 8  # refused, not discarded
+    r = run_cli("run", inp, "-o", out, "--model", job["model"], *OPTIONS, "--restart", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["rows_this_run"] == job["reference"].num_rows
+    assert pq.read_table(out).equals(job["reference"])
+
+
+def _limit_file_size(max_bytes):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def test_a_full_disk_fails_with_exit_3_and_keeps_the_previous_output(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"yesterday's answers")
+    r = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True, env=env(), cwd=ROOT,
+                       preexec_fn=_limit_file_size(6_000))
+    assert r.returncode == 3, r.stderr
+    assert "could not write" in r.stderr and "rerun the same command to resume" in r.stderr
+    assert out.read_bytes() == b"yesterday's answers"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    rerun = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr
+    assert pq.read_table(out).equals(job["reference"])
