@@ -135,11 +135,12 @@ def row_error(passage, question) -> str | None:
 class Chunker:
     """Tokenizes windows of rows into chunks with one model's tokenizer and limits."""
 
-    def __init__(self, tokenizer, max_seq_len: int, doc_stride: int):
+    def __init__(self, tokenizer, max_seq_len: int, doc_stride: int, max_question_len: int | None = None):
         self.backend = _plain_backend(tokenizer)
         self.template = pair_template(tokenizer, self.backend)
         self.max_seq_len = max_seq_len
         self.doc_stride = doc_stride
+        self.max_question_len = max_question_len  # None: never cut a question (too long: row error)
 
     def _encode(self, texts: list[str], with_offsets: bool) -> list:
         if not texts:
@@ -175,13 +176,15 @@ class Chunker:
         for i in ok:
             pj = p_index[passages[i]]
             ids_p, ids_q = p_ids[pj], q_ids[q_index[questions[i]]]
+            if self.max_question_len is not None:
+                ids_q = ids_q[: self.max_question_len]  # --truncate-question: keep its first tokens
             token_base[i] = p_base[pj]
             budget = self.max_seq_len - t.n_special - len(ids_q)
             if len(ids_p) > budget and budget <= self.doc_stride:
                 errors[i] = (
                     f"question too long: {len(ids_q)} tokens leave {max(budget, 0)} passage tokens per "
                     f"chunk, which must exceed --doc-stride {self.doc_stride}; shorten the question, "
-                    "raise --max-seq-len or lower --doc-stride"
+                    "raise --max-seq-len, lower --doc-stride, or pass --truncate-question"
                 )
                 continue
             if len(ids_p) == 0:

@@ -25,6 +25,8 @@ class RunConfig:
     max_seq_len: int = 384
     doc_stride: int = 128
     max_answer_len: int = 30
+    truncate_question: bool = False  # cut questions to max_question_len tokens instead of erroring
+    max_question_len: int = 64  # with truncate_question (BERT run_squad's max_query_length)
     top_k: int = 1
     allow_null: bool = False
     null_threshold: float = 0.0
@@ -45,7 +47,7 @@ class RunConfig:
         """The options that change answers, recorded in the output's metadata."""
         keys = (
             "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
-            "doc_stride", "max_answer_len", "top_k", "allow_null", "null_threshold",
+            "doc_stride", "max_answer_len", "truncate_question", "max_question_len", "top_k", "allow_null", "null_threshold",
             "dtype", "quantize", "limit",
         )
         return {k: v for k, v in asdict(self).items() if k in keys}

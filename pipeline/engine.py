@@ -114,6 +114,7 @@ def check_options(c: RunConfig) -> None:
     need(0 <= c.doc_stride < c.max_seq_len, f"--doc-stride {c.doc_stride}: must be >= 0 and below --max-seq-len ({c.max_seq_len})")
     need(c.max_answer_len >= 1, f"--max-answer-len {c.max_answer_len}: must be at least 1")
     need(c.top_k >= 1, f"--top-k {c.top_k}: must be at least 1")
+    need(c.max_question_len >= 1, f"--max-question-len {c.max_question_len}: must be at least 1")
     need(c.batch_size is None or c.batch_size >= 1, f"--batch-size {c.batch_size}: must be at least 1")
     need(c.max_batch_tokens is None or c.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1")
     need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
@@ -166,7 +167,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     on_cuda = loaded.device.type == "cuda"
     batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
     max_batch_tokens = config.max_batch_tokens or batch_size * config.max_seq_len
-    chunker = Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride)
+    chunker = Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
+                      config.max_question_len if config.truncate_question else None)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     pad_left = getattr(loaded.tokenizer, "padding_side", "right") == "left"
     chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2  # slack for duplicate char spans

@@ -43,7 +43,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
-        log.info("no CUDA device found: running on the CPU")
+        log.warning("no CUDA device found (--device auto): running on the CPU")
         return torch.device("cpu")
     try:
         device = torch.device(spec)

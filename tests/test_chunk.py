@@ -113,3 +113,24 @@ def test_each_distinct_text_is_tokenized_once(bert_tokenizer, monkeypatch):
     monkeypatch.setattr(chunker, "_encode", lambda texts, with_offsets: seen.append(list(texts)) or real(texts, with_offsets))
     chunker(["p one", "p one", "p two", "p one"], ["q a", "q b", "q a", "q a"])
     assert sorted(map(len, seen)) == [2, 2]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_truncated_questions_equal_pair_encoding_of_the_cut_question(checkpoints, family):
+    tok = AutoTokenizer.from_pretrained(checkpoints[family])
+    question = "who were the normans and where did they come from " * 6
+    passage = PASSAGES[0]
+    cs = Chunker(tok, 64, 16, max_question_len=12)([passage, passage], [question, "who?"])
+    assert cs.errors == [None, None]
+    q_enc = tok(question, add_special_tokens=False, return_offsets_mapping=True)
+    assert len(q_enc["input_ids"]) > 12
+    cut = question[: q_enc["offset_mapping"][11][1]]  # the text of its first 12 tokens
+    ref = reference(tok, cut, passage, 64, 16)
+    mine = np.flatnonzero(cs.row == 0)
+    assert len(mine) == len(ref)
+    for c, (ids, types, ctx, offs) in zip(mine, ref):
+        assert cs.input_ids[c].tolist() == ids and cs.type_ids[c].tolist() == types
+        assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
+    # without the cut the same question is an error for this row only
+    plain = Chunker(tok, 64, 16)([passage, passage], [question, "who?"])
+    assert plain.errors[0].startswith("question too long") and plain.errors[1] is None
