@@ -84,7 +84,7 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line."),
     report: Optional[str] = typer.Option(None, show_default=False,
         help="Write the run summary (counts, throughput, stage times) as JSON to this path."),
 ):
@@ -95,7 +95,7 @@ def run(
     from pipeline.config import RunConfig, default_model
     from pipeline.engine import run as run_engine
 
-    logging.basicConfig(level=logging.WARNING, format="qa-batch: %(message)s")
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="qa-batch: %(message)s")
     config = RunConfig(
         inputs=tuple(inputs), output=output, model=model or default_model(),
         passage_col=passage_col, question_col=question_col, id_col=id_col,
