@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import make_checkpoint  # noqa: E402
+from tiny_models import FAMILIES, make_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample.parquet")
@@ -19,7 +19,7 @@ SAMPLE = os.path.join(ROOT, "data", "sample.parquet")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Tiny random-weight QA checkpoints on disk, one per architecture family."""
     base = tmp_path_factory.mktemp("checkpoints")
-    return {fam: make_checkpoint(str(base / fam), fam) for fam in ("bert", "roberta", "distilbert")}
+    return {fam: make_checkpoint(str(base / fam), fam) for fam in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.chunk import Chunker, chunk_windows, row_error
+from tiny_models import FAMILIES, bert_tokenizer_object, save_tokenizer
 
 PASSAGES = [
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy. " * 30,
@@ -30,7 +31,7 @@ def reference(tokenizer, question, passage, max_len, stride):
     return out
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("max_len,stride", [(384, 128), (64, 16), (48, 0), (32, 20)])
 def test_chunks_equal_pair_encoding(checkpoints, family, max_len, stride):
     tok = AutoTokenizer.from_pretrained(checkpoints[family])
@@ -134,3 +135,22 @@ def test_truncated_questions_equal_pair_encoding_of_the_cut_question(checkpoints
     # without the cut the same question is an error for this row only
     plain = Chunker(tok, 64, 16)([passage, passage], [question, "who?"])
     assert plain.errors[0].startswith("question too long") and plain.errors[1] is None
+
+
+def test_left_padding_tokenizers_put_the_passage_first(tmp_path):
+    """Context-first models: (passage, question) pairs, the passage truncated, as the old pipeline did."""
+    save_tokenizer(bert_tokenizer_object(), str(tmp_path), "bert", padding_side="left")
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.padding_side == "left"
+    passage, question = PASSAGES[0], QUESTIONS[0]
+    cs = Chunker(tok, 64, 16)([passage], [question])
+    enc = tok(passage, question, truncation="only_first", max_length=64, stride=16,
+              return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+    assert len(cs) == len(enc["input_ids"]) > 3
+    for c in range(len(cs)):
+        assert cs.input_ids[c].tolist() == enc["input_ids"][c]
+        assert cs.type_ids[c].tolist() == enc["token_type_ids"][c]
+        ctx = [j for j, s in enumerate(enc.sequence_ids(c)) if s == 0]
+        assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
+        offs = cs.offsets[cs.token_base[0] + cs.token_start[c] + np.arange(cs.ctx_len[c])]
+        assert [tuple(o) for o in offs.tolist()] == [tuple(enc["offset_mapping"][c][j]) for j in ctx]

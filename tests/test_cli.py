@@ -79,7 +79,7 @@ def test_console_script_and_help():
     assert r.returncode == 0 and r.stdout.startswith("qa-batch ")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "albert", "electra", "deberta-v2"])
 def test_every_family_answers_with_exact_offsets(tmp_path, checkpoints, family):
     src = pq.read_table(SAMPLE).slice(0, 30)
     path = tmp_path / "in.parquet"

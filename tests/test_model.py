@@ -14,13 +14,16 @@ from pipeline.model import load_model, resolve_device, resolve_dtype
 from tiny_models import make_checkpoint
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "albert", "electra", "deberta-v2"])
 def test_position_limit_and_inputs_per_family(checkpoints, family):
     m = load_model(checkpoints[family], "cpu")
     assert m.max_positions == 512  # RoBERTa: 514 positions less padding_idx + 1
     expected = {"bert": ("input_ids", "token_type_ids", "attention_mask"),
                 "roberta": ("input_ids", "attention_mask"),
-                "distilbert": ("input_ids", "attention_mask")}[family]
+                "distilbert": ("input_ids", "attention_mask"),
+                "albert": ("input_ids", "token_type_ids", "attention_mask"),
+                "electra": ("input_ids", "token_type_ids", "attention_mask"),
+                "deberta-v2": ("input_ids", "attention_mask")}[family]  # type_vocab_size 0
     assert m.input_names == expected
     assert m.dtype == torch.float32 and m.device.type == "cpu"
     assert not m.model.training

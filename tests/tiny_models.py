@@ -62,6 +62,25 @@ def roberta_tokenizer_object() -> Tokenizer:
     return tok
 
 
+def unigram_tokenizer_object() -> Tokenizer:
+    """A SentencePiece-style Unigram tokenizer (ALBERT, DeBERTa-v2/v3): Metaspace, [CLS]/[SEP]."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    _train(tok, trainers.UnigramTrainer(vocab_size=600, special_tokens=special, unk_token="[UNK]"))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return tok
+
+
+FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta-v2")
+
+
 def save_tokenizer(tok: Tokenizer, directory: str, family: str, padding_side: str = "right"):
     from transformers import PreTrainedTokenizerFast
 
@@ -83,10 +102,16 @@ def make_checkpoint(directory: str, family: str = "bert", seed: int = 0, padding
                     max_position_embeddings: int = 512) -> str:
     """Save a tiny random-weight QA model and its tokenizer to `directory`; return it."""
     import torch
-    from transformers import AutoModelForQuestionAnswering, BertConfig, DistilBertConfig, RobertaConfig
+    from transformers import (AlbertConfig, AutoModelForQuestionAnswering, BertConfig, DebertaV2Config,
+                              DistilBertConfig, ElectraConfig, RobertaConfig)
 
     os.makedirs(directory, exist_ok=True)
-    tok = roberta_tokenizer_object() if family == "roberta" else bert_tokenizer_object()
+    if family == "roberta":
+        tok = roberta_tokenizer_object()
+    elif family in ("albert", "deberta-v2"):
+        tok = unigram_tokenizer_object()
+    else:
+        tok = bert_tokenizer_object()
     fast = save_tokenizer(tok, directory, family, padding_side)
     vocab = tok.get_vocab_size()
     if family == "bert":
@@ -102,6 +127,20 @@ def make_checkpoint(directory: str, family: str = "bert", seed: int = 0, padding
         config = DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                   max_position_embeddings=max_position_embeddings,
                                   pad_token_id=fast.pad_token_id)
+    elif family == "albert":
+        config = AlbertConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64,
+                              max_position_embeddings=max_position_embeddings, pad_token_id=fast.pad_token_id)
+    elif family == "electra":
+        config = ElectraConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=max_position_embeddings, pad_token_id=fast.pad_token_id)
+    elif family == "deberta-v2":
+        config = DebertaV2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=max_position_embeddings,
+                                 relative_attention=True, position_buckets=16, max_relative_positions=-1,
+                                 pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                                 pad_token_id=fast.pad_token_id)
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
