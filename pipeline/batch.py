@@ -67,7 +67,7 @@ def collate(
     pin: bool = False,
 ) -> HostBatch:
     """Pad the chosen chunks into [B, T] tensors (T rounded up to `pad_multiple`)."""
-    lengths = np.array([len(chunks.input_ids[i]) for i in index], dtype=np.int64)
+    lengths = chunks.lengths[index]
     width = int(-(-lengths.max() // pad_multiple) * pad_multiple)
     ids = np.full((len(index), width), pad_id, dtype=np.int64)
     types = np.zeros((len(index), width), dtype=np.int64)
@@ -75,8 +75,7 @@ def collate(
     shift = (width - lengths) if pad_left else np.zeros_like(lengths)
     for b, i in enumerate(index):
         s, n = shift[b], lengths[b]
-        ids[b, s : s + n] = chunks.input_ids[i]
-        types[b, s : s + n] = chunks.type_ids[i]
+        chunks.assemble(i, ids[b, s : s + n], types[b, s : s + n])
         mask[b, s : s + n] = 1
     arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
     # An all-ones mask means no mask: leaving it out lets SDPA pick its fastest kernel.

@@ -100,26 +100,52 @@ def chunk_windows(n_tokens: int, budget: int, stride: int) -> list[tuple[int, in
 
 @dataclass
 class ChunkSet:
-    """The chunks of one window of rows. Chunks of a row are consecutive."""
+    """The chunks of one window of rows. Chunks of a row are consecutive.
 
-    input_ids: list[np.ndarray]  # per chunk, unpadded, special tokens included
-    type_ids: list[np.ndarray]  # per chunk, same length
+    A chunk is not stored as tokens: it is a slice of its passage's token ids between the
+    question's ids and the template's special tokens, assembled only when a batch is
+    padded (`assemble`). Memory per chunk is a few integers, whatever the passage length.
+    """
+
+    template: PairTemplate
+    question_ids: list[np.ndarray]  # per distinct question of the window
+    passage_ids: list[np.ndarray]  # per distinct passage of the window
+    chunk_question: np.ndarray  # [chunks] index into question_ids
+    chunk_passage: np.ndarray  # [chunks] index into passage_ids
     row: np.ndarray  # [chunks] the chunk's row within the window
     ctx_start: np.ndarray  # [chunks] position of the chunk's first passage token
     ctx_len: np.ndarray  # [chunks] number of passage tokens in the chunk
     token_start: np.ndarray  # [chunks] index of that token among the row's passage tokens
     cls_pos: np.ndarray  # [chunks] position whose logits give the null score
-    offsets: np.ndarray  # [all passage tokens of the window, 2] character offsets, rows concatenated
+    lengths: np.ndarray  # [chunks] tokens in the chunk, special tokens included
+    offsets: np.ndarray  # [all passage tokens of the window, 2] character offsets, passages concatenated
     token_base: np.ndarray  # [rows] where each row's passage tokens start in `offsets`
     chunk_count: np.ndarray  # [rows] chunks per row (0 for rows with an error)
     errors: list[str | None]  # [rows] why a row gets no answer, or None
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.row)
+
+    def assemble(self, c: int, ids_out: np.ndarray, types_out: np.ndarray) -> None:
+        """Write chunk c's token ids and type ids into the given rows (views of a batch)."""
+        t = self.template
+        q = self.question_ids[self.chunk_question[c]]
+        start = self.token_start[c]
+        p = self.passage_ids[self.chunk_passage[c]][start : start + self.ctx_len[c]]
+        first, second = (q, p) if t.question_first else (p, q)
+        at = 0
+        for piece, kind in ((t.prefix, t.prefix_types), (first, t.first_type), (t.middle, t.middle_types),
+                            (second, t.second_type), (t.suffix, t.suffix_types)):
+            ids_out[at : at + len(piece)] = piece
+            types_out[at : at + len(piece)] = kind
+            at += len(piece)
+
+    def chunk_ids(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk c's token ids and type ids as arrays (for tests and tools)."""
+        ids = np.empty(self.lengths[c], dtype=np.int64)
+        types = np.empty(self.lengths[c], dtype=np.int64)
+        self.assemble(c, ids, types)
+        return ids, types
 
 
 def row_error(passage, question) -> str | None:
@@ -170,14 +196,14 @@ class Chunker:
         offsets = np.concatenate(p_off) if p_off else np.zeros((0, 2), dtype=np.int64)
         token_base = np.zeros(len(passages), dtype=np.int64)
 
-        input_ids, type_ids = [], []
-        row, ctx_start, ctx_len, token_start, cls_pos = [], [], [], [], []
+        chunk_question, chunk_passage = [], []
+        row, ctx_start, ctx_len, token_start, cls_pos, lengths = [], [], [], [], [], []
         chunk_count = np.zeros(len(passages), dtype=np.int64)
         for i in ok:
-            pj = p_index[passages[i]]
-            ids_p, ids_q = p_ids[pj], q_ids[q_index[questions[i]]]
-            if self.max_question_len is not None:
-                ids_q = ids_q[: self.max_question_len]  # --truncate-question: keep its first tokens
+            pj, qj = p_index[passages[i]], q_index[questions[i]]
+            ids_p, ids_q = p_ids[pj], q_ids[qj]
+            if self.max_question_len is not None and len(ids_q) > self.max_question_len:
+                ids_q = q_ids[qj] = ids_q[: self.max_question_len]  # --truncate-question: its first tokens
             token_base[i] = p_base[pj]
             budget = self.max_seq_len - t.n_special - len(ids_q)
             if len(ids_p) > budget and budget <= self.doc_stride:
@@ -190,29 +216,25 @@ class Chunker:
             if len(ids_p) == 0:
                 errors[i] = "passage has no tokens after tokenization"
                 continue
+            ctx = len(t.prefix) + (len(ids_q) + len(t.middle) if t.question_first else 0)
             for start, stop in chunk_windows(len(ids_p), budget, self.doc_stride):
-                window = ids_p[start:stop]
-                first, second = (ids_q, window) if t.question_first else (window, ids_q)
-                ids = np.concatenate([t.prefix, first, t.middle, second, t.suffix])
-                types = np.concatenate([
-                    t.prefix_types, np.full(len(first), t.first_type), t.middle_types,
-                    np.full(len(second), t.second_type), t.suffix_types,
-                ])
-                ctx = len(t.prefix) + (len(ids_q) + len(t.middle) if t.question_first else 0)
-                input_ids.append(ids)
-                type_ids.append(types)
+                length = t.n_special + len(ids_q) + stop - start
+                chunk_question.append(qj)
+                chunk_passage.append(pj)
                 row.append(i)
                 ctx_start.append(ctx)
                 ctx_len.append(stop - start)
                 token_start.append(start)
-                cls_pos.append(t.cls_position(len(ids)))
+                cls_pos.append(t.cls_position(length))
+                lengths.append(length)
                 chunk_count[i] += 1
 
         def arr(x):
             return np.asarray(x, dtype=np.int64)
 
         return ChunkSet(
-            input_ids=input_ids, type_ids=type_ids, row=arr(row), ctx_start=arr(ctx_start),
-            ctx_len=arr(ctx_len), token_start=arr(token_start), cls_pos=arr(cls_pos),
+            template=t, question_ids=q_ids, passage_ids=p_ids, chunk_question=arr(chunk_question),
+            chunk_passage=arr(chunk_passage), row=arr(row), ctx_start=arr(ctx_start), ctx_len=arr(ctx_len),
+            token_start=arr(token_start), cls_pos=arr(cls_pos), lengths=arr(lengths),
             offsets=offsets, token_base=token_base, chunk_count=chunk_count, errors=errors,
         )

@@ -50,8 +50,9 @@ def test_chunks_equal_pair_encoding(checkpoints, family, max_len, stride):
         mine = np.flatnonzero(cs.row == r)
         assert len(mine) == len(ref) == cs.chunk_count[r]
         for c, (ids, types, ctx, offs) in zip(mine, ref):
-            assert cs.input_ids[c].tolist() == ids
-            assert cs.type_ids[c].tolist() == types
+            mine_ids, mine_types = cs.chunk_ids(c)
+            assert mine_ids.tolist() == ids
+            assert mine_types.tolist() == types
             assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
             tok_idx = cs.token_base[r] + cs.token_start[c] + np.arange(cs.ctx_len[c])
             assert [tuple(o) for o in cs.offsets[tok_idx].tolist()] == offs
@@ -130,7 +131,7 @@ def test_truncated_questions_equal_pair_encoding_of_the_cut_question(checkpoints
     mine = np.flatnonzero(cs.row == 0)
     assert len(mine) == len(ref)
     for c, (ids, types, ctx, offs) in zip(mine, ref):
-        assert cs.input_ids[c].tolist() == ids and cs.type_ids[c].tolist() == types
+        assert [x.tolist() for x in cs.chunk_ids(c)] == [ids, types]
         assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
     # without the cut the same question is an error for this row only
     plain = Chunker(tok, 64, 16)([passage, passage], [question, "who?"])
@@ -148,8 +149,7 @@ def test_left_padding_tokenizers_put_the_passage_first(tmp_path):
               return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
     assert len(cs) == len(enc["input_ids"]) > 3
     for c in range(len(cs)):
-        assert cs.input_ids[c].tolist() == enc["input_ids"][c]
-        assert cs.type_ids[c].tolist() == enc["token_type_ids"][c]
+        assert [x.tolist() for x in cs.chunk_ids(c)] == [enc["input_ids"][c], enc["token_type_ids"][c]]
         ctx = [j for j, s in enumerate(enc.sequence_ids(c)) if s == 0]
         assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
         offs = cs.offsets[cs.token_base[0] + cs.token_start[c] + np.arange(cs.ctx_len[c])]
