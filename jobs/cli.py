@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import tomllib
 from typing import List, Optional
 
 import typer
@@ -85,6 +88,12 @@ def run(
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line."),
+    log_format: str = typer.Option("text", help="text, or json: one JSON object per line (time, level, event, "
+                                   "counts) for log collectors."),
+    config_file: Optional[str] = typer.Option(None, "--config", show_default=False, is_eager=True,
+        callback=lambda ctx, param, value: _load_config(ctx, value),
+        help="TOML file with any of these options (keys as the option names, e.g. max-seq-len = 256, "
+             "inputs = [...]); flags given here override it."),
     report: Optional[str] = typer.Option(None, show_default=False,
         help="Write the run summary (counts, throughput, stage times) as JSON to this path."),
 ):
@@ -95,7 +104,7 @@ def run(
     from pipeline.config import RunConfig, default_model
     from pipeline.engine import run as run_engine
 
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="qa-batch: %(message)s")
+    log = EventLog(log_format, quiet)
     config = RunConfig(
         inputs=tuple(inputs), output=output, model=model or default_model(),
         passage_col=passage_col, question_col=question_col, id_col=id_col,
@@ -115,29 +124,180 @@ def run(
         received.append(signum)
         if len(received) > 1:
             os._exit(_exit_code(signum))
-        typer.echo(f"qa-batch: {signal.Signals(signum).name}: finishing the batches in flight "
-                   "(send it again to stop at once)", err=True)
+        log.say("signal", f"{signal.Signals(signum).name}: finishing the batches in flight "
+                "(send it again to stop at once)", level="warning", signal=signal.Signals(signum).name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     resume_hint = "rerun the same command to resume, or add --restart to start over"
+    log.say("run_started", f"answering {', '.join(config.inputs)} with {config.model}", level="info",
+            inputs=list(config.inputs), model=config.model)
     try:
         summary = run_engine(config, stop_requested=stop)
     except Interrupted as e:
-        typer.echo(f"qa-batch: interrupted after {e.rows_done} rows; finished parts are in {e.work_dir}: "
-                   f"{resume_hint}", err=True)
-        raise typer.Exit(_exit_code(received[0] if received else signal.SIGINT))
+        code = _exit_code(received[0] if received else signal.SIGINT)
+        log.say("interrupted", f"interrupted after {e.rows_done} rows; finished parts are in {e.work_dir}: "
+                f"{resume_hint}", level="error", rows_done=e.rows_done, work_dir=e.work_dir, exit_code=code)
+        raise typer.Exit(code)
+    except QaBatchError as e:
+        log.say("error", f"error: {e.message}", level="error", exit_code=e.exit_code)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        log.say("interrupted", f"interrupted; {resume_hint}", level="error", exit_code=EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.resumed_from_row:
+        log.say("resumed", f"resumed after row {summary.resumed_from_row} of an interrupted run",
+                resumed_from_row=summary.resumed_from_row)
+    log.say("run_finished", summary.line().removeprefix("qa-batch: "), **summary.as_dict())
+
+
+class EventLog:
+    """Messages on stderr: 'qa-batch: ...' lines, or JSON lines for log collectors."""
+
+    def __init__(self, fmt: str, quiet: bool):
+        if fmt not in ("text", "json"):
+            raise typer.BadParameter(f"{fmt!r}: choose text or json", param_hint="--log-format")
+        self.json, self.quiet = fmt == "json", quiet
+        handler = logging.StreamHandler()
+        handler.setFormatter(_JsonFormatter() if self.json else logging.Formatter("qa-batch: %(message)s"))
+        logger = logging.getLogger("qa_batch")
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+
+    def say(self, event: str, message: str, level: str = "info", **fields) -> None:
+        if self.quiet and level != "error":
+            return
+        if self.json:
+            typer.echo(json.dumps({"time": _now(), "level": level, "event": event, "message": message, **fields},
+                                  default=str), err=True)
+        elif event != "run_started":
+            typer.echo(f"qa-batch: {message}", err=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": _now(), "level": record.levelname.lower(), "event": "log",
+                           "message": record.getMessage()})
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _load_config(ctx: typer.Context, path: Optional[str]) -> Optional[str]:
+    """Options from a TOML file become the command's defaults, so flags still override them."""
+    if not path:
+        return path
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {path}: {e.strerror}", param_hint="--config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise typer.BadParameter(f"{path} is not valid TOML: {e}", param_hint="--config") from None
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config_file", "help")}
+    defaults = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in params:
+            raise typer.BadParameter(f"unknown key {key!r} in {path}; known keys: "
+                                     f"{', '.join(sorted(n.replace('_', '-') for n in params))}",
+                                     param_hint="--config")
+        if name == "keep_columns" and isinstance(value, list):
+            value = ",".join(value)
+        if name == "inputs" and isinstance(value, str):
+            value = [value]
+        defaults[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+@app.command()
+def convert(
+    squad_json: str = typer.Argument(..., metavar="SQUAD_JSON", help="A SQuAD v1.1 or v2.0 JSON file."),
+    output: str = typer.Option(..., "-o", "--output", help="The Parquet table to write."),
+    join_article: bool = typer.Option(False, "--join-article",
+        help="Ask each question of its whole article (paragraphs joined by a blank line): long passages."),
+):
+    """Turn SQuAD JSON into a qa-batch input table with gold answers (for qa-batch eval).
+
+    Columns: id, title, question, passage, answers (list of strings), answer_starts, is_impossible.
+    """
+    from pipeline.squad import convert as do_convert
+
+    try:
+        n = do_convert(squad_json, output, join_article)
     except QaBatchError as e:
         typer.echo(f"qa-batch: error: {e.message}", err=True)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo(f"qa-batch: interrupted; {resume_hint}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if summary.resumed_from_row and not quiet:
-        typer.echo(f"qa-batch: resumed after row {summary.resumed_from_row} of an interrupted run", err=True)
-    if not quiet:
-        typer.echo(summary.line(), err=True)
+    typer.echo(f"qa-batch: wrote {n} questions to {output}", err=True)
+
+
+@app.command("eval")
+def eval_command(
+    answers: str = typer.Argument(..., help="qa-batch output (answers.parquet)."),
+    gold: str = typer.Argument(..., help="Table with the id column and 'answers' (list of gold strings; "
+                               "empty for unanswerable), e.g. from qa-batch convert."),
+    id_col: str = typer.Option("id", help="Column that matches rows of the two tables."),
+    json_path: Optional[str] = typer.Option(None, "--json", show_default=False, help="Also write the figures as JSON."),
+    plot_path: Optional[str] = typer.Option(None, "--plot", show_default=False,
+        help="Draw F1/EM against the null threshold and a reliability diagram to this PNG (needs matplotlib)."),
+):
+    """Exact match and F1 (official SQuAD normalisation) of answers against gold answers.
+
+    For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from
+    each row's null margin (null_score - score). Rows missing from either table are counted.
+    """
+    from pipeline.evaluate import evaluate, plot
+
+    try:
+        report = evaluate(answers, gold, id_col)
+        if plot_path:
+            plot(report, plot_path)
+    except QaBatchError as e:
+        typer.echo(f"qa-batch: error: {e.message}", err=True)
+        raise typer.Exit(e.exit_code)
+    r = report
+    lines = [f"rows evaluated {r.rows_matched} (missing from answers: {r.missing_in_answers}, "
+             f"missing from gold: {r.missing_in_gold})",
+             f"{'':12} {'rows':>6} {'EM':>8} {'F1':>8}",
+             f"{'all':12} {r.rows_matched:>6} {r.exact:>8.2f} {r.f1:>8.2f}"]
+    for name, part in (("has answer", r.has_answer), ("no answer", r.no_answer)):
+        if part["rows"]:
+            lines.append(f"{name:12} {part['rows']:>6} {part['exact']:>8.2f} {part['f1']:>8.2f}")
+    if r.best_f1 is not None:
+        lines.append(f"best EM {r.best_exact:.2f} at --null-threshold {r.best_exact_threshold:.3f}; "
+                     f"best F1 {r.best_f1:.2f} at --null-threshold {r.best_f1_threshold:.3f}")
+    if r.threshold_note:
+        lines.append(f"note: {r.threshold_note}")
+    typer.echo("\n".join(lines))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.as_dict(), f, indent=2)
+
+
+@app.command()
+def summary(
+    answers: str = typer.Argument(..., help="qa-batch output (answers.parquet)."),
+    by: Optional[str] = typer.Option(None, show_default=False,
+        help="Group by this column (e.g. question), rarely answered groups first."),
+    top: int = typer.Option(20, help="Groups to show."),
+    json_path: Optional[str] = typer.Option(None, "--json", show_default=False, help="Also write it as JSON."),
+):
+    """Rows, answers, nulls, errors by reason and confidence of a run's output."""
+    from pipeline.summary import render, summarize
+
+    try:
+        s = summarize(answers, by, top)
+    except QaBatchError as e:
+        typer.echo(f"qa-batch: error: {e.message}", err=True)
+        raise typer.Exit(e.exit_code)
+    typer.echo(render(s))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(s, f, indent=2, default=str)
 
 
 def _exit_code(signum: int) -> int:

@@ -1,0 +1,72 @@
+"""What an analyst asks first of a run's output: counts, error reasons, confidence, and which
+questions rarely find an answer. Polars does the aggregation."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from .errors import UsageError
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def summarize(path: str, by: str | None = None, top: int = 20) -> dict:
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:
+        raise UsageError(f"{path}: cannot read it as Parquet ({e})") from None
+    for col in ("answer", "error", "confidence"):
+        if col not in df.columns:
+            raise UsageError(f"{path}: column {col!r} is missing: is this a qa-batch output?")
+    if by is not None and by not in df.columns:
+        raise UsageError(f"--by {by!r}: no such column; columns found: {', '.join(df.columns)}")
+    df = df.with_columns(
+        pl.col("answer").is_not_null().alias("_answered"),
+        pl.col("error").is_not_null().alias("_error"),
+    )
+    rows = df.height
+    answered = int(df["_answered"].sum())
+    errors = int(df["_error"].sum())
+    reasons = (df.filter(pl.col("_error"))
+               .with_columns(pl.col("error").str.split(":").list.first().alias("reason"))
+               .group_by("reason").len().sort(["len", "reason"], descending=[True, False]))
+    conf = df.filter(pl.col("_answered"))["confidence"].drop_nulls()
+    hist = [0] * 10
+    for c in conf.to_list():
+        hist[min(int(c * 10), 9)] += 1
+    out = {
+        "rows": rows, "answered": answered, "null": rows - answered - errors, "errors": errors,
+        "errors_by_reason": {r: n for r, n in reasons.iter_rows()},
+        "confidence_quantiles": {str(q): (round(float(conf.quantile(q)), 4) if len(conf) else None)
+                                 for q in QUANTILES},
+        "confidence_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(hist)},
+    }
+    if by is not None:
+        groups = (df.group_by(by)
+                  .agg(pl.len().alias("rows"), pl.col("_answered").sum().alias("answered"),
+                       pl.col("_error").sum().alias("errors"),
+                       pl.col("confidence").filter(pl.col("_answered")).mean().alias("mean_confidence"))
+                  .with_columns((pl.col("answered") / pl.col("rows")).alias("answered_share"))
+                  .sort(["answered_share", "rows"], descending=[False, True]))  # rarely answered first
+        out["by"] = by
+        out["groups"] = groups.head(top).to_dicts()
+        out["group_count"] = groups.height
+    return out
+
+
+def render(s: dict) -> str:
+    lines = [f"rows {s['rows']}: answered {s['answered']}, null {s['null']}, errors {s['errors']}"]
+    for reason, n in s["errors_by_reason"].items():
+        lines.append(f"  error {reason}: {n}")
+    q = ", ".join(f"p{int(float(k) * 100)} {v:.3f}" for k, v in s["confidence_quantiles"].items() if v is not None)
+    lines.append(f"confidence of answers: {q or 'no answers'}")
+    peak = max(s["confidence_histogram"].values()) or 1
+    for label, n in s["confidence_histogram"].items():
+        lines.append(f"  {label} {'#' * round(30 * n / peak):<30} {n}")
+    if "groups" in s:
+        lines.append(f"by {s['by']} ({s['group_count']} groups, rarely answered first):")
+        lines.append(f"  {'answered':>8} {'rows':>6} {'conf':>6}  {s['by']}")
+        for g in s["groups"]:
+            conf = f"{g['mean_confidence']:.3f}" if g["mean_confidence"] is not None else "-"
+            lines.append(f"  {g['answered_share']:>8.0%} {g['rows']:>6} {conf:>6}  {str(g[s['by']])[:70]}")
+    return "\n".join(lines)
