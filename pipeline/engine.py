@@ -172,10 +172,6 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     pad_left = getattr(loaded.tokenizer, "padding_side", "right") == "left"
     chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2  # slack for duplicate char spans
-    threads_before = torch.get_num_threads()
-    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
-    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k, workers=cpu_workers)
-
     schema = output_schema(plan, config.top_k)
     metadata = {
         "qa_batch_version": __version__,
@@ -188,12 +184,16 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     parts.check_or_create({
         "inputs": input_fingerprint(plan),
         "model": metadata["model"],
+        # what changes answers, batching included (it moves floating-point rounding)
         "options": {**config.answer_options(), "device": metadata["device"], "dtype": metadata["dtype"],
-                    "quantize": config.quantize, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                    "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                     "rows_per_window": config.rows_per_window},
         "schema": schema.to_string(),
     }, config.restart)
     start_row = parts.finished_rows()
+    threads_before = torch.get_num_threads()
+    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
+    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k, workers=cpu_workers)
     summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
                          started_at=started_at, model_rss_mb=model_rss_mb, resumed_from_row=start_row)
     stages = collections.Counter(load_model=t_load)

@@ -25,9 +25,7 @@ from .spans import ChunkSpans, search_spans
 
 @dataclass
 class InferStats:
-    forwards: int = 0
-    oom_splits: int = 0
-    seconds: float = 0.0
+    oom_splits: int = 0  # batches split in two after running out of device memory
 
 
 class _Ready:
