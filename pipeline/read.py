@@ -57,12 +57,12 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[str]:
                 raise UsageError(f"input glob {spec!r} matches no file")
             files.extend(matched)
         elif os.path.isdir(spec):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(spec)
-                for name in names
-                if name.endswith(".parquet") and not name.startswith((".", "_"))
-            )
+            found = []
+            for root, dirs, names in os.walk(spec):
+                # hidden folders, and qa-batch's own work directories of parts, are not input
+                dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and not d.endswith(".partial")]
+                found += [os.path.join(root, n) for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+            found.sort()
             if not found:
                 raise UsageError(f"input directory {spec!r} holds no *.parquet file")
             files.extend(found)

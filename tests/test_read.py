@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -47,3 +49,15 @@ def test_custom_column_names_and_missing_keep_column(tmp_path):
         plan_inputs([str(path)], "ctx", "q", None, ("title",))
     with pytest.raises(UsageError, match="--passage-col"):
         plan_inputs([str(path)], "passage", "q", None)
+
+
+def test_directories_skip_hidden_folders_and_work_directories(tmp_path):
+    from pipeline.read import resolve_inputs
+
+    for rel in ("a.parquet", "sub/b.parquet", ".hidden/c.parquet", "out.parquet.partial/part-000000000000.parquet",
+                "_tmp/d.parquet", "notes.txt"):
+        path = tmp_path / "in" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(path, {"passage": ["p"], "question": ["q"]})
+    found = [os.path.relpath(f, tmp_path / "in") for f in resolve_inputs([str(tmp_path / "in")])]
+    assert found == ["a.parquet", os.path.join("sub", "b.parquet")]
