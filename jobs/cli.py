@@ -88,6 +88,14 @@ def run(
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it.", rich_help_panel="Input and output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line.", rich_help_panel="Running"),
+    engine: str = typer.Option("local", help="local, or ray: Ray Data actors (pip install 'qa-batch[ray]'); "
+                               "the output is then a directory of Parquet files.", rich_help_panel="Cluster"),
+    ray_address: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
+        help="Ray cluster to join (e.g. auto); default: start a local Ray instance."),
+    num_gpus: int = typer.Option(0, rich_help_panel="Cluster",
+        help="With --engine ray: actors, one GPU each; 0 runs --cpu-workers CPU actors."),
+    num_cpus_per_worker: Optional[float] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
+        help="With --engine ray: CPUs reserved per actor. Default: 1 with GPUs, 0.5 without."),
     log_format: str = typer.Option("text", help="text, or json: one JSON object per line (time, level, event, "
                                    "counts) for log collectors.", rich_help_panel="Running"),
     config_file: Optional[str] = typer.Option(None, "--config", show_default=False, is_eager=True,
@@ -114,6 +122,7 @@ def run(
         allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
+        engine=engine, ray_address=ray_address, num_gpus=num_gpus, num_cpus_per_worker=num_cpus_per_worker,
     )
     stop = threading.Event()
     received: list[int] = []
@@ -134,7 +143,14 @@ def run(
     log.say("run_started", f"answering {', '.join(config.inputs)} with {config.model}", level="info",
             inputs=list(config.inputs), model=config.model)
     try:
-        summary = run_engine(config, stop_requested=stop)
+        if engine == "ray":
+            from pipeline.ray_engine import run_ray
+
+            summary = run_ray(config)
+        elif engine == "local":
+            summary = run_engine(config, stop_requested=stop)
+        else:
+            raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="--engine")
     except Interrupted as e:
         code = _exit_code(received[0] if received else signal.SIGINT)
         log.say("interrupted", f"interrupted after {e.rows_done} rows; finished parts are in {e.work_dir}: "

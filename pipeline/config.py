@@ -42,6 +42,10 @@ class RunConfig:
     restart: bool = False  # discard the parts of an interrupted run instead of resuming it
     quiet: bool = False
     report: str | None = None
+    engine: str = "local"  # "ray": Ray Data actors (ray_engine.py)
+    ray_address: str | None = None  # None: start a local Ray instance
+    num_gpus: int = 0  # with --engine ray: actors, one GPU each (0: CPU actors)
+    num_cpus_per_worker: float | None = None  # with --engine ray: CPUs reserved per actor
 
     def answer_options(self) -> dict:
         """The options that change answers, recorded in the output's metadata."""

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -136,6 +137,62 @@ def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
         raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
 
 
+@dataclass
+class Stages:
+    """The chunk -> batch -> infer -> merge stages set up for one model and one run's options.
+
+    The local engine pipelines them over threads; `answer_window` runs them in order on one
+    window, which is what each Ray actor does (ray_engine.py). Same stages, same answers.
+    """
+
+    config: RunConfig
+    loaded: LoadedModel
+    chunker: Chunker
+    predictor: Predictor
+    batch_size: int
+    max_batch_tokens: int
+    chunk_k: int  # spans kept per chunk (more than top_k: duplicates across chunks merge)
+
+    @classmethod
+    def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
+        on_cuda = loaded.device.type == "cuda"
+        batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
+        chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2
+        return cls(
+            config=config, loaded=loaded,
+            chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
+                            config.max_question_len if config.truncate_question else None),
+            predictor=Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k,
+                                workers=1 if on_cuda else cpu_workers),
+            batch_size=batch_size,
+            max_batch_tokens=config.max_batch_tokens or batch_size * config.max_seq_len,
+            chunk_k=chunk_k,
+        )
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.loaded.device.type == "cuda"
+
+    def batches(self, chunks: ChunkSet):
+        """Padded host batches of a window's chunks, longest first."""
+        tok = self.loaded.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad_left = getattr(tok, "padding_side", "right") == "left"
+        for index in plan_batches(chunks.lengths, self.batch_size, self.max_batch_tokens):
+            yield collate(chunks, index, self.loaded.input_names, pad_id, pad_left,
+                          pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
+
+    def answer_window(self, rows: RowBatch, schema: pa.Schema, id_col: str | None) -> pa.Table:
+        """All stages, in order, for one window of rows: its output table."""
+        chunks = self.chunker(rows.passages, rows.questions)
+        spans = WindowSpans.empty(len(chunks), self.chunk_k)
+        for hb in self.batches(chunks):
+            spans.store(hb, self.predictor.submit(hb).result(), chunks)
+        answers = merge_window(rows.passages, chunks, spans, self.config.top_k, self.config.allow_null,
+                               self.config.null_threshold)
+        return answers_table(schema, rows, answers, self.config.top_k, id_col)
+
+
 def run(config: RunConfig, loaded: LoadedModel | None = None,
         stop_requested: threading.Event | None = None) -> RunSummary:
     """Answer every row of the inputs and write the output; raise QaBatchError on failure.
@@ -165,13 +222,9 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
             f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
             f"({loaded.max_positions} tokens): use --max-seq-len {loaded.max_positions} or less")
     on_cuda = loaded.device.type == "cuda"
-    batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
-    max_batch_tokens = config.max_batch_tokens or batch_size * config.max_seq_len
-    chunker = Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
-                      config.max_question_len if config.truncate_question else None)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    pad_left = getattr(loaded.tokenizer, "padding_side", "right") == "left"
-    chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2  # slack for duplicate char spans
+    threads_before = torch.get_num_threads()
+    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
+    stages_ = Stages.build(config, loaded, cpu_workers)  # the thread pool starts on first use
     schema = output_schema(plan, config.top_k)
     metadata = {
         "qa_batch_version": __version__,
@@ -186,14 +239,12 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         "model": metadata["model"],
         # what changes answers, batching included (it moves floating-point rounding)
         "options": {**config.answer_options(), "device": metadata["device"], "dtype": metadata["dtype"],
-                    "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                    "batch_size": stages_.batch_size, "max_batch_tokens": stages_.max_batch_tokens,
                     "rows_per_window": config.rows_per_window},
         "schema": schema.to_string(),
     }, config.restart)
     start_row = parts.finished_rows()
-    threads_before = torch.get_num_threads()
-    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
-    predictor = Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k, workers=cpu_workers)
+    predictor = stages_.predictor
     summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
                          started_at=started_at, model_rss_mb=model_rss_mb, resumed_from_row=start_row)
     stages = collections.Counter(load_model=t_load)
@@ -221,17 +272,15 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
                     break
                 t1 = time.perf_counter()
                 faults.point("read")
-                chunks = chunker(rows.passages, rows.questions)
+                chunks = stages_.chunker(rows.passages, rows.questions)
                 t2 = time.perf_counter()
-                batches = plan_batches(chunks.lengths, batch_size, max_batch_tokens)
                 stages["read"] += t1 - t0
                 stages["tokenize"] += t2 - t1
+                t3 = time.perf_counter()
+                batches = list(stages_.batches(chunks))
+                stages["batch"] += time.perf_counter() - t3
                 put(_WindowStart(rows, chunks, len(batches)))
-                for index in batches:
-                    t3 = time.perf_counter()
-                    hb = collate(chunks, index, loaded.input_names, pad_id, pad_left,
-                                 pad_multiple=8 if on_cuda else 1, pin=on_cuda)
-                    stages["batch"] += time.perf_counter() - t3
+                for hb in batches:
                     put(hb)
             put(_DONE)
         except BaseException as e:  # handed to the consumer, which re-raises it
@@ -261,13 +310,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
             raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
         stages["infer_wait"] += time.perf_counter() - t0
         window, spans = entry[0], entry[1]
-        idx = hb.chunk_index
-        shift = (window.chunks.token_start[idx] - hb.ctx_start.numpy())[:, None]  # chunk -> passage tokens
-        spans.token_start[idx] = host.start.numpy() + shift
-        spans.token_end[idx] = host.end.numpy() + shift
-        spans.score[idx] = host.score.numpy()
-        spans.null_score[idx] = host.null_score.numpy()
-        spans.log_norm[idx] = host.log_norm.numpy()
+        spans.store(hb, host, window.chunks)
         entry[2] -= 1
         faults.point("batch")
 
@@ -315,7 +358,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
                 finish_complete_windows(all_submitted=True)
                 break
             if isinstance(item, _WindowStart):
-                open_windows.append([item, WindowSpans.empty(len(item.chunks), chunk_k), item.n_batches])
+                open_windows.append([item, WindowSpans.empty(len(item.chunks), stages_.chunk_k), item.n_batches])
                 finish_complete_windows(all_submitted=False)
                 continue
             t1 = time.perf_counter()

@@ -25,6 +25,16 @@ class WindowSpans:
     null_score: np.ndarray  # [chunks]
     log_norm: np.ndarray  # [chunks]
 
+    def store(self, batch, host, chunks: ChunkSet) -> None:
+        """Put one batch's spans (ChunkSpans on the host) in place, in passage-token coordinates."""
+        idx = batch.chunk_index
+        shift = (chunks.token_start[idx] - batch.ctx_start.numpy())[:, None]  # chunk -> passage tokens
+        self.token_start[idx] = host.start.numpy() + shift
+        self.token_end[idx] = host.end.numpy() + shift
+        self.score[idx] = host.score.numpy()
+        self.null_score[idx] = host.null_score.numpy()
+        self.log_norm[idx] = host.log_norm.numpy()
+
     @classmethod
     def empty(cls, n_chunks: int, k: int) -> "WindowSpans":
         return cls(

@@ -1,0 +1,114 @@
+"""The Ray engine: the same stages as the local engine, run by Ray Data actors.
+
+    windows of rows -> map_batches(RayAnswerer actors) -> write_parquet(output directory)
+
+Each actor loads the model once (in __init__) and answers whole windows of
+`--rows-per-window` rows with `Stages.answer_window`, the code the local engine runs. The
+dataset's items are the windows' first row numbers rather than rows read by
+ray.data.read_parquet: an actor reads its window itself (skipping whole row groups), so
+rows keep their global row numbers and the windows, hence the batches and the answers,
+are exactly those of a local run. The output is a directory of Parquet files with the
+local engine's schema and metadata; their union is the local output's table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import time
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import __version__, faults
+from .config import RunConfig
+from .engine import RunSummary, Stages, check_options
+from .errors import RuntimeFailure, UsageError
+from .model import load_model
+from .read import InputPlan, plan_inputs, read_windows
+from .write import output_schema
+
+
+class RayAnswerer:
+    """A Ray Data actor: one model, many windows."""
+
+    def __init__(self, config: RunConfig, plan: InputPlan, metadata: bytes, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        import ray
+
+        device = "cuda" if ray.get_gpu_ids() else ("cpu" if config.device == "auto" else config.device)
+        self.config, self.plan = config, plan
+        self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": metadata})
+        self.stages = Stages.build(config, load_model(config.model, device, config.dtype, config.quantize))
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        tables = []
+        for first_row in batch["first_row"]:
+            faults.once("ray_window")
+            windows = read_windows(self.plan, self.config.rows_per_window, self.config.limit, int(first_row))
+            tables.append(self.stages.answer_window(next(windows), self.schema, self.plan.id_col))
+            windows.close()
+        return pa.concat_tables(tables)
+
+
+def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
+    from .engine import default_output
+
+    return default_output(inputs, files).removesuffix(".parquet")
+
+
+def run_ray(config: RunConfig) -> RunSummary:
+    """Answer every row on a Ray cluster (or a local Ray instance) into an output directory."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray Data: pip install 'qa-batch[ray]'") from None
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    check_options(config)
+    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns)
+    output = config.output or default_output_dir(config.inputs, plan.files)
+    if os.path.exists(output):
+        if not config.overwrite:
+            raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
+        shutil.rmtree(output) if os.path.isdir(output) else os.unlink(output)
+    total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+    metadata = json.dumps({"qa_batch_version": __version__, "engine": "ray", "model": {"id": config.model},
+                           "options": config.as_dict(), "started_at": started_at}).encode()
+
+    gpu = config.num_gpus > 0
+    actors = config.num_gpus if gpu else (config.cpu_workers or 1)
+    cpus = config.num_cpus_per_worker or (1.0 if gpu else 0.5)  # fractional: leave room for Ray's own tasks
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_"))}
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    items = [{"first_row": r} for r in range(0, total, config.rows_per_window)]
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            RayAnswerer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus, num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata,
+                                   "threads": max(1, int(cpus))})  # Ray Data restarts lost actors, redoes their windows
+        ds.write_parquet(output)
+    except Exception as e:  # Ray wraps worker errors in its own types
+        raise RuntimeFailure(f"the Ray job failed: {e}") from None
+    elapsed = time.perf_counter() - started
+    out = pq.read_table(output, columns=["answer", "error", "chunks"])
+    rows, answered, errors = out.num_rows, out.num_rows - out["answer"].null_count, out.num_rows - out["error"].null_count
+    chunks = pc.sum(out["chunks"]).as_py() or 0
+    return RunSummary(
+        output=output, rows=rows, rows_this_run=rows, chunks=chunks, answered=answered, errors=errors,
+        null=rows - answered - errors, elapsed_s=round(elapsed, 3), rows_per_s=round(rows / elapsed, 2),
+        chunks_per_s=round(chunks / elapsed, 2), started_at=started_at, device="ray",
+        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
