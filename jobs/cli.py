@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -202,6 +203,16 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+@contextlib.contextmanager
+def _errors_exit():
+    """For the tools: a QaBatchError becomes its message on stderr and its exit code."""
+    try:
+        yield
+    except QaBatchError as e:
+        typer.echo(f"qa-batch: error: {e.message}", err=True)
+        raise typer.Exit(e.exit_code)
+
+
 def _load_config(ctx: typer.Context, path: Optional[str]) -> Optional[str]:
     """Options from a TOML file become the command's defaults, so flags still override them."""
     if not path:
@@ -243,11 +254,8 @@ def convert(
     """
     from pipeline.squad import convert as do_convert
 
-    try:
+    with _errors_exit():
         n = do_convert(squad_json, output, join_article)
-    except QaBatchError as e:
-        typer.echo(f"qa-batch: error: {e.message}", err=True)
-        raise typer.Exit(e.exit_code)
     typer.echo(f"qa-batch: wrote {n} questions to {output}", err=True)
 
 
@@ -268,13 +276,10 @@ def eval_command(
     """
     from pipeline.evaluate import evaluate, plot
 
-    try:
+    with _errors_exit():
         report = evaluate(answers, gold, id_col)
         if plot_path:
             plot(report, plot_path)
-    except QaBatchError as e:
-        typer.echo(f"qa-batch: error: {e.message}", err=True)
-        raise typer.Exit(e.exit_code)
     r = report
     lines = [f"rows evaluated {r.rows_matched} (missing from answers: {r.missing_in_answers}, "
              f"missing from gold: {r.missing_in_gold})",
@@ -305,11 +310,8 @@ def summary(
     """Rows, answers, nulls, errors by reason and confidence of a run's output."""
     from pipeline.summary import render, summarize
 
-    try:
+    with _errors_exit():
         s = summarize(answers, by, top)
-    except QaBatchError as e:
-        typer.echo(f"qa-batch: error: {e.message}", err=True)
-        raise typer.Exit(e.exit_code)
     typer.echo(render(s))
     if json_path:
         with open(json_path, "w") as f:

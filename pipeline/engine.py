@@ -20,18 +20,17 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from . import __version__, faults
-from .batch import HostBatch, collate, plan_batches
+from .batch import collate, plan_batches
 from .chunk import ChunkSet, Chunker
 from .config import RunConfig
-from .errors import Interrupted, RuntimeFailure, UsageError
+from .errors import Interrupted, UsageError
 from .infer import Predictor
-from .merge import WindowSpans, merge_window
+from .merge import RowAnswer, WindowSpans, merge_window
 from .model import LoadedModel, load_model
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
 from .resume import WorkDir, input_fingerprint, work_dir_for
@@ -182,15 +181,17 @@ class Stages:
             yield collate(chunks, index, self.loaded.input_names, pad_id, pad_left,
                           pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
 
+    def merge(self, rows: RowBatch, chunks: ChunkSet, spans: WindowSpans) -> list[RowAnswer]:
+        c = self.config
+        return merge_window(rows.passages, chunks, spans, c.top_k, c.allow_null, c.null_threshold)
+
     def answer_window(self, rows: RowBatch, schema: pa.Schema, id_col: str | None) -> pa.Table:
         """All stages, in order, for one window of rows: its output table."""
         chunks = self.chunker(rows.passages, rows.questions)
         spans = WindowSpans.empty(len(chunks), self.chunk_k)
         for hb in self.batches(chunks):
-            spans.store(hb, self.predictor.submit(hb).result(), chunks)
-        answers = merge_window(rows.passages, chunks, spans, self.config.top_k, self.config.allow_null,
-                               self.config.null_threshold)
-        return answers_table(schema, rows, answers, self.config.top_k, id_col)
+            spans.store(hb, self.predictor.collect(self.predictor.submit(hb)), chunks)
+        return answers_table(schema, rows, self.merge(rows, chunks, spans), self.config.top_k, id_col)
 
 
 def run(config: RunConfig, loaded: LoadedModel | None = None,
@@ -221,10 +222,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         raise UsageError(
             f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
             f"({loaded.max_positions} tokens): use --max-seq-len {loaded.max_positions} or less")
-    on_cuda = loaded.device.type == "cuda"
     threads_before = torch.get_num_threads()
-    cpu_workers = 1 if on_cuda else (config.cpu_workers or threads_before)
-    stages_ = Stages.build(config, loaded, cpu_workers)  # the thread pool starts on first use
+    stages_ = Stages.build(config, loaded, config.cpu_workers or threads_before)  # pool starts on first use
     schema = output_schema(plan, config.top_k)
     metadata = {
         "qa_batch_version": __version__,
@@ -297,17 +296,12 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     # batches are collected.
     open_windows: collections.deque = collections.deque()  # [_WindowStart, WindowSpans, batches left]
     pending: collections.deque = collections.deque()  # (window entry, HostBatch, handle)
-    max_in_flight = 2 if on_cuda else 2 * predictor.workers
+    max_in_flight = 2 if stages_.on_cuda else 2 * predictor.workers
 
     def collect_oldest() -> None:
         entry, hb, handle = pending.popleft()
         t0 = time.perf_counter()
-        try:
-            host = handle.result()
-        except RuntimeFailure:
-            raise
-        except RuntimeError as e:
-            raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
+        host = predictor.collect(handle)
         stages["infer_wait"] += time.perf_counter() - t0
         window, spans = entry[0], entry[1]
         spans.store(hb, host, window.chunks)
@@ -319,8 +313,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         while open_windows and open_windows[0][2] == 0 and (len(open_windows) > 1 or all_submitted):
             window, spans, _ = open_windows.popleft()
             t0 = time.perf_counter()
-            answers = merge_window(window.rows.passages, window.chunks, spans, config.top_k,
-                                   config.allow_null, config.null_threshold)
+            answers = stages_.merge(window.rows, window.chunks, spans)
             t1 = time.perf_counter()
             parts.write_part(window.rows.first_row,
                              answers_table(schema, window.rows, answers, config.top_k, plan.id_col))
@@ -333,7 +326,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
             bar.update(len(answers))
 
     try:
-        if cpu_workers > 1:
+        if predictor.workers > 1:
             torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
         producer.start()
         while True:
@@ -362,12 +355,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
                 finish_complete_windows(all_submitted=False)
                 continue
             t1 = time.perf_counter()
-            try:
-                handle = predictor.submit(item)
-            except RuntimeFailure:
-                raise
-            except RuntimeError as e:
-                raise RuntimeFailure(f"the model failed on {loaded.device}: {e}") from e
+            handle = predictor.submit(item)
             stages["infer_launch"] += time.perf_counter() - t1
             real_tokens += item.real_tokens
             padded_tokens += item.padded_tokens
@@ -382,7 +370,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         raise
     finally:
         predictor.close()
-        if cpu_workers > 1:
+        if predictor.workers > 1:
             torch.set_num_threads(threads_before)
     bar.close()
 

@@ -59,24 +59,27 @@ class EvalReport:
     best_f1: float | None = None
     best_f1_threshold: float | None = None
     threshold_note: str | None = None
-    per_row: list[dict] = field(default_factory=list, repr=False)  # for plots; not in as_dict()
+    # for plots, not in as_dict(): per-row results, and (threshold, %) curves per metric
+    per_row: list[dict] = field(default_factory=list, repr=False)
+    curves: dict = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("per_row")
+        d.pop("curves")
         return d
 
 
-def _best_threshold(margins: list[float], gains: list[float], base: float) -> tuple[float, float]:
-    """Rows are answered iff null margin <= t (the --null-threshold rule). Start with every row
-    null (total `base`), answer rows in margin order, and return (best total, its threshold)."""
+def threshold_curve(margins: list[float], gains: list[float], base: float) -> list[tuple[float, float]]:
+    """(threshold, total) at every distinct null margin, in one sorted sweep. Rows are answered iff
+    null margin <= t (the --null-threshold rule); below every margin all rows are null (`base`)."""
     pairs = sorted(zip(margins, gains))
-    best, best_t, total = base, (pairs[0][0] - 1.0 if pairs else 0.0), base
+    curve, total = [(pairs[0][0] - 1.0 if pairs else 0.0, base)], base
     for i, (margin, gain) in enumerate(pairs):
         total += gain
-        if (i + 1 == len(pairs) or pairs[i + 1][0] != margin) and total > best:  # ties move together
-            best, best_t = total, margin
-    return best, best_t
+        if i + 1 == len(pairs) or pairs[i + 1][0] != margin:  # rows with equal margins move together
+            curve.append((margin, total))
+    return curve
 
 
 def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalReport:
@@ -120,11 +123,10 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalRepor
     def pct(xs):
         return round(100.0 * sum(xs) / len(xs), 4) if xs else None
 
-    per_row = [{"exact": e, "f1": f, "has_answer": h, "answered": a is not None, "confidence": c,
-                "margin": m, "span_exact": se, "span_f1": sf}
-               for e, f, h, a, c, m, se, sf in zip(ems, f1s, has, joined["answer"].to_list(),
-                                                  joined["confidence"].to_list() if "confidence" in joined.columns
-                                                  else [None] * joined.height, margins, span_em, span_f1)]
+    per_row = [{"exact": e, "answered": a is not None, "confidence": c}
+               for e, a, c in zip(ems, joined["answer"].to_list(),
+                                  joined["confidence"].to_list() if "confidence" in joined.columns
+                                  else [None] * joined.height)]
     rep = EvalReport(
         rows_matched=joined.height, missing_in_answers=missing_in_answers, missing_in_gold=missing_in_gold,
         exact=pct(ems), f1=pct(f1s),
@@ -144,8 +146,11 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalRepor
         base = sum(not has[i] for i in idx)  # every row null: unanswerable rows right
         for metric, values in (("exact", span_em), ("f1", span_f1)):
             gains = [values[i] - (0.0 if has[i] else 1.0) for i in idx]
-            best, t = _best_threshold([margins[i] for i in idx], gains, base)
-            setattr(rep, f"best_{metric}", round(100.0 * best / max(len(idx), 1), 4))
+            curve = [(t, 100.0 * total / max(len(idx), 1))
+                     for t, total in threshold_curve([margins[i] for i in idx], gains, base)]
+            t, best = max(curve, key=lambda point: point[1])  # the lowest threshold among equals
+            rep.curves[metric] = curve
+            setattr(rep, f"best_{metric}", round(best, 4))
             setattr(rep, f"best_{metric}_threshold", round(t, 4))
     return rep
 
@@ -161,14 +166,10 @@ def plot(report: EvalReport, path: str) -> None:
         raise UsageError("--plot needs matplotlib: pip install 'qa-batch[plot]'") from None
     rows = report.per_row
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    usable = [r for r in rows if r["margin"] is not None]
-    if usable and not all(r["has_answer"] for r in rows):
-        margins = sorted({r["margin"] for r in usable})
-        ts = [margins[0] - 1.0] + margins
-        for metric in ("exact", "f1"):
-            ys = [100.0 * sum((r[f"span_{metric}"] if r["margin"] <= t else float(not r["has_answer"]))
-                              for r in usable) / len(usable) for t in ts]
-            left.plot(ts, ys, label=metric.upper() if metric == "f1" else "EM")
+    if report.curves:
+        for metric, curve in report.curves.items():
+            ts, ys = zip(*curve)
+            left.step(ts, ys, where="post", label="F1" if metric == "f1" else "EM")
         for t in (report.best_f1_threshold,):
             left.axvline(t, color="grey", linestyle=":", label=f"best F1 threshold {t:.2f}")
         left.set_xlabel("--null-threshold")

@@ -13,6 +13,7 @@ matrix product across them (measured 15% faster on 2 cores, see BENCHMARKS.md).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -69,14 +70,30 @@ class Predictor:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer")
 
     def submit(self, batch: HostBatch):
-        """Start the batch; the handle's result() gives its spans on the host."""
+        """Start the batch; pass the handle to collect() for its spans on the host."""
         if self._pool is not None:
             return self._pool.submit(self, batch)
-        spans = self(batch)
-        if self.device.type == "cuda":
-            with torch.inference_mode():
-                return _CudaHandle(spans.to("cpu", non_blocking=True))
+        with self._failures():
+            spans = self(batch)
+            if self.device.type == "cuda":
+                with torch.inference_mode():
+                    return _CudaHandle(spans.to("cpu", non_blocking=True))
         return _Ready(spans)
+
+    def collect(self, handle) -> ChunkSpans:
+        """Wait for a submitted batch; its spans, on the host."""
+        with self._failures():
+            return handle.result()
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """A model or device error (at launch or when waited for) ends the run with exit code 3."""
+        try:
+            yield
+        except RuntimeFailure:
+            raise
+        except RuntimeError as e:
+            raise RuntimeFailure(f"the model failed on {self.device}: {e}") from e
 
     def close(self) -> None:
         if self._pool is not None:

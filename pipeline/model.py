@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 
 log = logging.getLogger("qa_batch")
 
@@ -138,8 +138,6 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def warm_up(model: torch.nn.Module, device: torch.device, input_names: tuple[str, ...], tokenizer) -> None:
     """One small forward before any data: CUDA libraries initialise here, and a model that
     cannot run on the device fails now (exit code 3) rather than after reading the input."""
-    from .errors import RuntimeFailure
-
     ids = torch.full((2, 16), tokenizer.unk_token_id or 0, dtype=torch.long, device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     try:
@@ -200,8 +198,6 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
     try:
         model.to(device)
     except RuntimeError as e:
-        from .errors import RuntimeFailure
-
         raise RuntimeFailure(f"could not move the model to {device}: {e}") from None
     model.eval()
     if quantize == "int8":

@@ -20,16 +20,15 @@ import os
 import shutil
 import time
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__, faults
 from .config import RunConfig
-from .engine import RunSummary, Stages, check_options
+from .engine import RunSummary, Stages, check_options, default_output
 from .errors import RuntimeFailure, UsageError
 from .model import load_model
 from .read import InputPlan, plan_inputs, read_windows
-from .write import output_schema
+from .write import count_answers, output_schema
 
 
 class RayAnswerer:
@@ -59,8 +58,6 @@ class RayAnswerer:
 
 
 def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
-    from .engine import default_output
-
     return default_output(inputs, files).removesuffix(".parquet")
 
 
@@ -104,11 +101,10 @@ def run_ray(config: RunConfig) -> RunSummary:
     except Exception as e:  # Ray wraps worker errors in its own types
         raise RuntimeFailure(f"the Ray job failed: {e}") from None
     elapsed = time.perf_counter() - started
-    out = pq.read_table(output, columns=["answer", "error", "chunks"])
-    rows, answered, errors = out.num_rows, out.num_rows - out["answer"].null_count, out.num_rows - out["error"].null_count
-    chunks = pc.sum(out["chunks"]).as_py() or 0
+    c = count_answers(pq.read_table(output, columns=["answer", "error", "chunks"]))
     return RunSummary(
-        output=output, rows=rows, rows_this_run=rows, chunks=chunks, answered=answered, errors=errors,
-        null=rows - answered - errors, elapsed_s=round(elapsed, 3), rows_per_s=round(rows / elapsed, 2),
-        chunks_per_s=round(chunks / elapsed, 2), started_at=started_at, device="ray",
+        output=output, rows=c["rows"], rows_this_run=c["rows"], chunks=c["chunks"], answered=c["answered"],
+        errors=c["errors"], null=c["rows"] - c["answered"] - c["errors"], elapsed_s=round(elapsed, 3),
+        rows_per_s=round(c["rows"] / elapsed, 2), chunks_per_s=round(c["chunks"] / elapsed, 2),
+        started_at=started_at, device="ray",
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))

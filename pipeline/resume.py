@@ -22,12 +22,12 @@ import shutil
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import faults
 from .errors import RuntimeFailure, UsageError
 from .read import InputPlan
+from .write import count_answers
 
 MANIFEST = "manifest.json"
 ASSEMBLED = "assembled"
@@ -147,10 +147,8 @@ class WorkDir:
                 for i, (_, path) in enumerate(self.parts()):
                     table = pq.read_table(path, schema=schema)
                     writer.write_table(table)
-                    counts["rows"] += table.num_rows
-                    counts["chunks"] += pc.sum(table["chunks"]).as_py() or 0
-                    counts["answered"] += table.num_rows - table["answer"].null_count
-                    counts["errors"] += table.num_rows - table["error"].null_count
+                    for key, n in count_answers(table).items():
+                        counts[key] += n
                     faults.point("assembling")
                 writer.add_key_value_metadata({"qa_batch": metadata_for(counts)})
         except OSError as e:

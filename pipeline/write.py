@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .merge import RowAnswer
@@ -72,6 +73,16 @@ def answers_table(schema: pa.Schema, rows: RowBatch, answers: list[RowAnswer], t
         if name not in cols:
             cols[name] = arr
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+def count_answers(table: pa.Table) -> dict:
+    """rows, chunks, answered and errors of an output table (or part of one)."""
+    return {
+        "rows": table.num_rows,
+        "chunks": pc.sum(table["chunks"]).as_py() or 0,
+        "answered": table.num_rows - table["answer"].null_count,
+        "errors": table.num_rows - table["error"].null_count,
+    }
 
 
 def read_metadata(path: str) -> dict:

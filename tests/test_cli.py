@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli, write_parquet
+from conftest import SAMPLE, run_cli, write_parquet
 from pipeline.write import read_metadata
 
 
