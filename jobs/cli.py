@@ -73,7 +73,11 @@ def run(
     allow_null: bool = typer.Option(False, "--allow-null/--no-allow-null",
         help="Allow 'no answer' (SQuAD 2.0-style models): null when null score - best span score > --null-threshold.", rich_help_panel="Answers"),
     null_threshold: float = typer.Option(0.0, help="Margin the null score must beat the best span by (with --allow-null).", rich_help_panel="Answers"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", rich_help_panel="Model and device"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N. auto and cuda use "
+                               "every visible GPU, one worker process each.", rich_help_panel="Model and device"),
+    devices: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Model and device",
+        help="Comma-separated devices, one worker process each, e.g. cuda:0,cuda:2 (or cpu,cpu). "
+             "Same output as one device."),
     dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.", rich_help_panel="Model and device"),
     quantize: str = typer.Option("none", help="int8: dynamic int8 linear layers, a faster CPU path "
         "(answers can differ slightly from float32; see BENCHMARKS.md).", rich_help_panel="Model and device"),
@@ -97,6 +101,9 @@ def run(
         help="With --engine ray: actors, one GPU each; 0 runs --cpu-workers CPU actors."),
     num_cpus_per_worker: Optional[float] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="With --engine ray: CPUs reserved per actor. Default: 1 with GPUs, 0.5 without."),
+    rows_per_batch: Optional[int] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
+        help="With --engine ray: rows per actor task, in whole --rows-per-window windows, and per output "
+             "file. Default: about four tasks per actor."),
     log_format: str = typer.Option("text", help="text, or json: one JSON object per line (time, level, event, "
                                    "counts) for log collectors.", rich_help_panel="Running"),
     config_file: Optional[str] = typer.Option(None, "--config", show_default=False, is_eager=True,
@@ -121,9 +128,11 @@ def run(
         max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len,
         truncate_question=truncate_question, max_question_len=max_question_len, top_k=top_k,
         allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
+        devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
         engine=engine, ray_address=ray_address, num_gpus=num_gpus, num_cpus_per_worker=num_cpus_per_worker,
+        rows_per_batch=rows_per_batch,
     )
     stop = threading.Event()
     received: list[int] = []

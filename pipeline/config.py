@@ -31,6 +31,7 @@ class RunConfig:
     allow_null: bool = False
     null_threshold: float = 0.0
     device: str = "auto"
+    devices: tuple[str, ...] = ()  # several devices: one worker process each (workers.py)
     dtype: str = "auto"
     quantize: str = "none"  # "int8": dynamic int8 linear layers on the CPU
     batch_size: int | None = None  # chunks per forward; None: per-device default
@@ -46,6 +47,7 @@ class RunConfig:
     ray_address: str | None = None  # None: start a local Ray instance
     num_gpus: int = 0  # with --engine ray: actors, one GPU each (0: CPU actors)
     num_cpus_per_worker: float | None = None  # with --engine ray: CPUs reserved per actor
+    rows_per_batch: int | None = None  # with --engine ray: rows per actor call; None: balanced over actors
 
     def answer_options(self) -> dict:
         """The options that change answers, recorded in the output's metadata."""
@@ -60,4 +62,5 @@ class RunConfig:
         d = asdict(self)
         d["inputs"] = list(self.inputs)
         d["keep_columns"] = list(self.keep_columns)
+        d["devices"] = list(self.devices)
         return d

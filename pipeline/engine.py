@@ -19,12 +19,13 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from . import __version__, faults
+from . import __version__, faults, storage
 from .batch import collate, plan_batches
 from .chunk import ChunkSet, Chunker
 from .config import RunConfig
@@ -97,12 +98,12 @@ def _current_rss_mb() -> float:
 def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
     """<stem>.answers.parquet beside the first input (beside, not inside, a directory)."""
     first = inputs[0]
-    if os.path.isdir(first):
-        return os.path.normpath(first) + ".answers.parquet"
-    path = first if os.path.isfile(first) else files[0]
-    stem = os.path.basename(path)
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
-    return os.path.join(os.path.dirname(path), stem + ".answers.parquet")
+    if storage.is_dir(first):
+        return storage.with_suffix(first.rstrip("/") if storage.is_uri(first) else os.path.normpath(first),
+                                   ".answers.parquet")
+    path = first if storage.is_file(first) else files[0]
+    stem = storage.basename(path).removesuffix(".parquet")
+    return storage.join(storage.parent(path), stem + ".answers.parquet")
 
 
 def check_options(c: RunConfig) -> None:
@@ -123,17 +124,21 @@ def check_options(c: RunConfig) -> None:
 
 
 def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"output directory {directory} is not writable")
-    if os.path.isdir(path):
-        raise UsageError(f"output {path} is a directory: give a file path with -o")
-    if any(os.path.realpath(f) == os.path.realpath(path) for f in plan.files):
-        raise UsageError(f"output {path} is also an input: choose another path with -o")
-    if os.path.exists(path) and not overwrite:
-        raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
+    if not storage.is_uri(path):  # object stores have no folders to check
+        directory = storage.parent(path)
+        if not os.path.isdir(directory):
+            raise UsageError(f"output directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise UsageError(f"output directory {directory} is not writable")
+    try:
+        if storage.is_dir(path):
+            raise UsageError(f"output {path} is a directory: give a file path with -o")
+        if any(storage.identity(f) == storage.identity(path) for f in plan.files):
+            raise UsageError(f"output {path} is also an input: choose another path with -o")
+        if storage.exists(path) and not overwrite:
+            raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
+    except OSError as e:
+        raise UsageError(f"output {path} cannot be checked: {e}") from None
 
 
 @dataclass
@@ -194,60 +199,108 @@ class Stages:
         return answers_table(schema, rows, self.merge(rows, chunks, spans), self.config.top_k, id_col)
 
 
-def run(config: RunConfig, loaded: LoadedModel | None = None,
-        stop_requested: threading.Event | None = None) -> RunSummary:
-    """Answer every row of the inputs and write the output; raise QaBatchError on failure.
+@dataclass
+class Job:
+    """A run as planned before any model work: inputs, output, the parts kept so far, schema."""
 
-    Finished windows are kept as parts in `<output>.partial/`, so rerunning the same
-    command after a failure or an interruption goes on where it stopped. Setting
-    `stop_requested` stops the run after the batches in flight (raises Interrupted).
+    config: RunConfig
+    plan: InputPlan
+    output: str
+    parts: WorkDir
+    schema: pa.Schema
+    total_rows: int
+    started: float  # perf_counter at the start
+    started_at: str
+
+    @classmethod
+    def plan_for(cls, config: RunConfig) -> "Job":
+        started = time.perf_counter()
+        started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        check_options(config)
+        plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
+                           config.keep_columns)
+        output = config.output or default_output(config.inputs, plan.files)
+        total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+        return cls(config, plan, output, WorkDir(work_dir_for(output)), output_schema(plan, config.top_k),
+                   total, started, started_at)
+
+    @property
+    def finished_earlier(self) -> bool:
+        """The last run wrote the output and died cleaning up: nothing is left to do."""
+        return self.parts.assembled and storage.exists(self.output) and not self.config.restart
+
+    def metadata(self, model: dict, device: str, dtype: str) -> dict:
+        return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
+                "device": device, "dtype": dtype, "started_at": self.started_at}
+
+    def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
+                   max_batch_tokens: int) -> list[tuple[int, int]]:
+        """Create or check the work directory; return the row ranges still to answer."""
+        c = self.config
+        self.parts.check_or_create({
+            "inputs": input_fingerprint(self.plan),
+            "model": model,
+            # what changes answers, batching included (it moves floating-point rounding)
+            "options": {**c.answer_options(), "device": device_type, "dtype": dtype, "batch_size": batch_size,
+                        "max_batch_tokens": max_batch_tokens, "rows_per_window": c.rows_per_window},
+            "schema": self.schema.to_string(),
+        }, c.restart)
+        return self.parts.todo(self.total_rows, c.rows_per_window)
+
+    def finish(self, summary: RunSummary, metadata: dict, rows_this_run: int, chunks_this_run: int) -> RunSummary:
+        """Assemble the parts into the output; the summary counts every part, its rates this run's rows."""
+        elapsed = time.perf_counter() - self.started
+        summary.elapsed_s = round(elapsed, 3)
+        summary.rows_this_run = rows_this_run
+        summary.rows_per_s = round(rows_this_run / elapsed, 2) if elapsed else 0.0
+        summary.chunks_per_s = round(chunks_this_run / elapsed, 2) if elapsed else 0.0
+        summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+
+        def final_metadata(counts: dict) -> bytes:
+            # counts cover every part, those of earlier interrupted runs too
+            summary.rows, summary.chunks = counts["rows"], counts["chunks"]
+            summary.answered, summary.errors = counts["answered"], counts["errors"]
+            summary.null = summary.rows - summary.answered - summary.errors
+            return json.dumps({**metadata, "finished_at": summary.finished_at, "summary": summary.as_dict()}).encode()
+
+        self.parts.assemble(self.output, self.schema, final_metadata)
+        summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+        return _reported(summary, self.config)
+
+
+@dataclass
+class Progress:
+    """What one process answered: counts, tokens and seconds per stage."""
+
+    rows: int = 0
+    chunks: int = 0
+    answered: int = 0
+    errors: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    stages: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, other: dict) -> None:
+        for key in ("rows", "chunks", "answered", "errors", "real_tokens", "padded_tokens"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.stages.update(other["stages"])
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stages": dict(self.stages)}
+
+
+def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], progress: Progress,
+                  on_window: Callable[[int], None], stop_requested=None) -> None:
+    """Answer the rows of `ranges` ([start, end), whole windows) and write each window as a part.
+
+    A producer thread reads, tokenizes and pads batches (the Rust tokenizer releases the GIL);
+    this thread runs the model, merges finished windows and writes them. `ranges` may be a
+    lazy iterator (worker processes take them from a queue). Setting `stop_requested`
+    stops after the batches in flight; whole windows are kept, then Interrupted is raised.
     """
-    started = time.perf_counter()
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    check_options(config)
-    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
-                       config.keep_columns)
-    output = config.output or default_output(config.inputs, plan.files)
-    parts = WorkDir(work_dir_for(output))
-    if parts.assembled and os.path.exists(output) and not config.restart:
-        parts.remove()  # the last run wrote the output and died cleaning up: nothing left to do
-        return _reported(RunSummary(**{**read_metadata(output)["summary"], "output": output}), config)
-    check_output(output, plan, config.overwrite)
-
-    t_load = time.perf_counter()
-    loaded = loaded or load_model(config.model, config.device, config.dtype, config.quantize)
-    t_load = time.perf_counter() - t_load
-    model_rss_mb = _current_rss_mb()
-    if config.max_seq_len > loaded.max_positions:
-        raise UsageError(
-            f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
-            f"({loaded.max_positions} tokens): use --max-seq-len {loaded.max_positions} or less")
-    threads_before = torch.get_num_threads()
-    stages_ = Stages.build(config, loaded, config.cpu_workers or threads_before)  # pool starts on first use
-    schema = output_schema(plan, config.top_k)
-    metadata = {
-        "qa_batch_version": __version__,
-        "model": {"id": loaded.model_id, "revision": loaded.revision},
-        "options": config.as_dict(),
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "started_at": started_at,
-    }
-    parts.check_or_create({
-        "inputs": input_fingerprint(plan),
-        "model": metadata["model"],
-        # what changes answers, batching included (it moves floating-point rounding)
-        "options": {**config.answer_options(), "device": metadata["device"], "dtype": metadata["dtype"],
-                    "batch_size": stages_.batch_size, "max_batch_tokens": stages_.max_batch_tokens,
-                    "rows_per_window": config.rows_per_window},
-        "schema": schema.to_string(),
-    }, config.restart)
-    start_row = parts.finished_rows()
-    predictor = stages_.predictor
-    summary = RunSummary(output=output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=started_at, model_rss_mb=model_rss_mb, resumed_from_row=start_row)
-    stages = collections.Counter(load_model=t_load)
-    total_rows = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+    config, plan, parts, predictor = job.config, job.plan, job.parts, stages_.predictor
+    stages = progress.stages
 
     # ---- producer: read, chunk, batch (its own thread) ----
     work: queue.Queue = queue.Queue(maxsize=16)
@@ -263,32 +316,31 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
 
     def produce() -> None:
         try:
-            windows = read_windows(plan, config.rows_per_window, config.limit, start_row)
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                rows = next(windows, None)
-                if rows is None:
-                    break
-                t1 = time.perf_counter()
-                faults.point("read")
-                chunks = stages_.chunker(rows.passages, rows.questions)
-                t2 = time.perf_counter()
-                stages["read"] += t1 - t0
-                stages["tokenize"] += t2 - t1
-                t3 = time.perf_counter()
-                batches = list(stages_.batches(chunks))
-                stages["batch"] += time.perf_counter() - t3
-                put(_WindowStart(rows, chunks, len(batches)))
-                for hb in batches:
-                    put(hb)
+            for start, end in ranges:
+                windows = read_windows(plan, config.rows_per_window, end, start)
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    rows = next(windows, None)
+                    if rows is None:
+                        break
+                    t1 = time.perf_counter()
+                    faults.point("read")
+                    chunks = stages_.chunker(rows.passages, rows.questions)
+                    t2 = time.perf_counter()
+                    batches = list(stages_.batches(chunks))
+                    stages["read"] += t1 - t0
+                    stages["tokenize"] += t2 - t1
+                    stages["batch"] += time.perf_counter() - t2
+                    put(_WindowStart(rows, chunks, len(batches)))
+                    for hb in batches:
+                        put(hb)
+                if stop.is_set():
+                    return
             put(_DONE)
         except BaseException as e:  # handed to the consumer, which re-raises it
             put(e)
 
     producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True)
-    bar = tqdm(total=total_rows, initial=start_row, unit="row", dynamic_ncols=True,
-               disable=config.quiet or not sys.stderr.isatty())
-    real_tokens = padded_tokens = 0
 
     # ---- consumer: infer, decode, merge, write (this thread) ----
     # Batches are submitted in order; `pending` holds those not yet collected, oldest first,
@@ -316,18 +368,16 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
             answers = stages_.merge(window.rows, window.chunks, spans)
             t1 = time.perf_counter()
             parts.write_part(window.rows.first_row,
-                             answers_table(schema, window.rows, answers, config.top_k, plan.id_col))
+                             answers_table(job.schema, window.rows, answers, config.top_k, plan.id_col))
             stages["merge"] += t1 - t0
             stages["write"] += time.perf_counter() - t1
-            summary.rows += len(answers)
-            summary.chunks += len(window.chunks)
-            summary.errors += sum(a.error is not None for a in answers)
-            summary.answered += sum(a.answer is not None for a in answers)
-            bar.update(len(answers))
+            progress.rows += len(answers)
+            progress.chunks += len(window.chunks)
+            progress.errors += sum(a.error is not None for a in answers)
+            progress.answered += sum(a.answer is not None for a in answers)
+            on_window(len(answers))
 
     try:
-        if predictor.workers > 1:
-            torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
         producer.start()
         while True:
             if stop_requested is not None and stop_requested.is_set():
@@ -335,7 +385,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
                 while pending:
                     collect_oldest()
                 finish_complete_windows(all_submitted=False)
-                raise Interrupted(summary.rows + start_row, parts.path)
+                raise Interrupted(progress.rows, parts.path)
             t0 = time.perf_counter()
             try:
                 item = work.get(timeout=0.2)
@@ -357,49 +407,93 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
             t1 = time.perf_counter()
             handle = predictor.submit(item)
             stages["infer_launch"] += time.perf_counter() - t1
-            real_tokens += item.real_tokens
-            padded_tokens += item.padded_tokens
+            progress.real_tokens += item.real_tokens
+            progress.padded_tokens += item.padded_tokens
             pending.append((open_windows[-1], item, handle))
             while len(pending) > max_in_flight:
                 collect_oldest()
             finish_complete_windows(all_submitted=False)
         producer.join()
-    except BaseException:
-        stop.set()  # finished parts stay in the work directory for the next run
-        bar.close()
-        raise
     finally:
+        stop.set()  # on failure: finished parts stay in the work directory for the next run
+
+
+def run(config: RunConfig, loaded: LoadedModel | None = None,
+        stop_requested: threading.Event | None = None) -> RunSummary:
+    """Answer every row of the inputs and write the output; raise QaBatchError on failure.
+
+    Finished windows are kept as parts in `<output>.partial/`, so rerunning the same
+    command after a failure or an interruption goes on where it stopped. Setting
+    `stop_requested` stops the run after the batches in flight (raises Interrupted).
+    With several devices (--devices, or every visible GPU) one worker process runs per
+    device (workers.py).
+    """
+    job = Job.plan_for(config)
+    if job.finished_earlier:
+        job.parts.remove()
+        return _reported(RunSummary(**{**read_metadata(job.output)["summary"], "output": job.output}), config)
+    check_output(job.output, job.plan, config.overwrite)
+    devices = config.devices or devices_for(config.device)
+    if loaded is None and len(devices) > 1:
+        from .workers import run_on_devices
+        return run_on_devices(job, devices, stop_requested)
+
+    t_load = time.perf_counter()
+    loaded = loaded or load_model(config.model, devices[0], config.dtype, config.quantize)
+    t_load = time.perf_counter() - t_load
+    model_rss_mb = _current_rss_mb()
+    check_max_seq_len(config, loaded.max_positions)
+    threads_before = torch.get_num_threads()
+    stages_ = Stages.build(config, loaded, config.cpu_workers or threads_before)  # pool starts on first use
+    model_info = {"id": loaded.model_id, "revision": loaded.revision}
+    metadata = job.metadata(model_info, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
+    todo = job.open_parts(model_info, loaded.device.type, metadata["dtype"], stages_.batch_size,
+                          stages_.max_batch_tokens)
+    done_before = job.total_rows - sum(end - start for start, end in todo)
+    predictor = stages_.predictor
+    progress = Progress(stages=collections.Counter(load_model=t_load))
+    bar = tqdm(total=job.total_rows, initial=done_before, unit="row", dynamic_ncols=True,
+               disable=config.quiet or not sys.stderr.isatty())
+    try:
+        if predictor.workers > 1:
+            torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
+        answer_ranges(stages_, job, todo, progress, bar.update, stop_requested)
+    except Interrupted as e:
+        raise Interrupted(done_before + e.rows_done, e.work_dir) from None
+    finally:
+        bar.close()
         predictor.close()
         if predictor.workers > 1:
             torch.set_num_threads(threads_before)
-    bar.close()
 
-    elapsed = time.perf_counter() - started
-    summary.elapsed_s = round(elapsed, 3)  # throughput: the rows answered by this run
-    summary.rows_this_run = summary.rows
-    summary.rows_per_s = round(summary.rows / elapsed, 2) if elapsed else 0.0
-    summary.chunks_per_s = round(summary.chunks / elapsed, 2) if elapsed else 0.0
-    summary.padding_efficiency = round(real_tokens / padded_tokens, 4) if padded_tokens else 1.0
+    summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
+                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=done_before)
+    summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = predictor.stats.oom_splits
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    summary.stage_seconds = {k: round(v, 3) for k, v in sorted(stages.items())}
-    summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    t0 = time.perf_counter()
+    summary.stage_seconds = {k: round(v, 3) for k, v in sorted(progress.stages.items())}
+    return job.finish(summary, metadata, progress.rows, progress.chunks)
 
-    def final_metadata(counts: dict) -> bytes:
-        # counts cover every part, those of earlier interrupted runs too
-        summary.rows, summary.chunks = counts["rows"], counts["chunks"]
-        summary.answered, summary.errors = counts["answered"], counts["errors"]
-        summary.null = summary.rows - summary.answered - summary.errors
-        return json.dumps({**metadata, "finished_at": summary.finished_at, "summary": summary.as_dict()}).encode()
 
-    parts.assemble(output, schema, final_metadata)
-    summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
-    return _reported(summary, config)
+def devices_for(spec: str) -> tuple[str, ...]:
+    """--device auto or cuda with several visible GPUs means all of them, one worker each."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    return (spec,)
+
+
+def check_max_seq_len(config: RunConfig, max_positions: int) -> None:
+    if config.max_seq_len > max_positions:
+        raise UsageError(
+            f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
+            f"({max_positions} tokens): use --max-seq-len {max_positions} or less")
+
+
+def padding_efficiency(progress: Progress) -> float:
+    return round(progress.real_tokens / progress.padded_tokens, 4) if progress.padded_tokens else 1.0
 
 
 def _reported(summary: RunSummary, config: RunConfig) -> RunSummary:
     if config.report:
-        with open(config.report, "w") as f:
-            json.dump(summary.as_dict(), f, indent=2)
+        storage.write_bytes(config.report, json.dumps(summary.as_dict(), indent=2).encode())
     return summary

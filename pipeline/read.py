@@ -7,13 +7,13 @@ ends the run in seconds with a message that names the file and the column.
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import UsageError
 
 
@@ -45,35 +45,46 @@ class RowBatch:
         return len(self.questions)
 
 
+def _is_input(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def _in_skipped_folder(relative: str) -> bool:
+    # hidden folders, and qa-batch's own work directories of parts, are not input
+    return any(d.startswith((".", "_")) or d.endswith(".partial") for d in relative.split("/")[:-1])
+
+
 def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[str]:
-    """Expand files, directories (every *.parquet below, sorted) and globs, in the order given."""
+    """Expand files, directories (every *.parquet below, sorted) and globs, in the order given.
+
+    Each may be a local path or a URI (s3://, gs://, hdfs://, ...); see storage.py.
+    """
     if not specs:
         raise UsageError("no input given: pass one or more Parquet files, directories or globs")
     files: list[str] = []
     for spec in specs:
-        if glob.has_magic(spec):
-            matched = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not matched:
-                raise UsageError(f"input glob {spec!r} matches no file")
-            files.extend(matched)
-        elif os.path.isdir(spec):
-            found = []
-            for root, dirs, names in os.walk(spec):
-                # hidden folders, and qa-batch's own work directories of parts, are not input
-                dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and not d.endswith(".partial")]
-                found += [os.path.join(root, n) for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
-            found.sort()
-            if not found:
-                raise UsageError(f"input directory {spec!r} holds no *.parquet file")
-            files.extend(found)
-        elif os.path.isfile(spec):
-            files.append(spec)
-        else:
-            raise UsageError(f"input {spec!r} does not exist")
+        try:
+            if glob.has_magic(spec.split("?")[0] if storage.is_uri(spec) else spec):
+                matched = storage.glob_files(spec)
+                if not matched:
+                    raise UsageError(f"input glob {spec!r} matches no file")
+                files.extend(matched)
+            elif storage.is_dir(spec):
+                found = [f for f in storage.list_files(spec)
+                         if _is_input(storage.basename(f)) and not _in_skipped_folder(storage.relative(spec, f))]
+                if not found:
+                    raise UsageError(f"input directory {spec!r} holds no *.parquet file")
+                files.extend(found)
+            elif storage.is_file(spec):
+                files.append(spec)
+            else:
+                raise UsageError(f"input {spec!r} does not exist")
+        except OSError as e:  # an object store refusing access, a host that cannot be reached
+            raise UsageError(f"input {spec!r} cannot be listed: {e}") from None
     seen: set[str] = set()
     unique = []
     for f in files:
-        key = os.path.realpath(f)
+        key = storage.identity(f)
         if key not in seen:
             seen.add(key)
             unique.append(f)
@@ -91,9 +102,14 @@ def _logical(t: pa.DataType) -> str:
     return "string" if _is_string(t) else str(t)
 
 
+def open_parquet(path: str) -> pq.ParquetFile:
+    fs, inner = storage.locate(path)
+    return pq.ParquetFile(inner, filesystem=fs)
+
+
 def _read_schema(path: str) -> tuple[pa.Schema, int]:
     try:
-        meta = pq.read_metadata(path)
+        meta = open_parquet(path).metadata
         return meta.schema.to_arrow_schema(), meta.num_rows
     except (pa.ArrowInvalid, OSError) as e:
         raise UsageError(f"{path}: not a readable Parquet file ({e})") from None
@@ -210,7 +226,7 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
         if remaining <= 0:
             break
         try:
-            pf = pq.ParquetFile(path)
+            pf = open_parquet(path)
             groups = list(range(pf.metadata.num_row_groups))
             while groups and skip >= pf.metadata.row_group(groups[0]).num_rows:  # unread, whole
                 skip -= pf.metadata.row_group(groups.pop(0)).num_rows

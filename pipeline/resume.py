@@ -6,25 +6,25 @@
         part-000000001024.parquet  ...
         assembled                  present once the output file is complete
 
-A run that dies leaves whole parts only. Rerunning the same command checks the manifest,
-skips the rows the parts hold and goes on from the first missing row; windows keep the
-same boundaries (multiples of --rows-per-window), so batches and answers are exactly those
-of an uninterrupted run. At the end the parts are copied into one file that replaces the
-output in one rename, and the work directory is removed.
+A run that dies leaves whole parts only, one per window of --rows-per-window rows.
+Rerunning the same command checks the manifest and answers only the windows no part
+holds (several worker processes may have left gaps); windows keep the same boundaries
+(multiples of --rows-per-window), so batches and answers are exactly those of an
+uninterrupted run. At the end the parts are copied into one file that replaces the
+output in one move, and the work directory is removed. The output may be a local path
+or a URI (s3://...): everything here goes through storage.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults
+from . import faults, storage
 from .errors import RuntimeFailure, UsageError
 from .read import InputPlan
 from .write import count_answers
@@ -35,15 +35,15 @@ _PART = re.compile(r"^part-(\d{12})\.parquet$")
 
 
 def work_dir_for(output: str) -> str:
-    return output + ".partial"
+    return storage.with_suffix(output, ".partial")
 
 
 def input_fingerprint(plan: InputPlan) -> list[dict]:
     """What identifies the inputs: their paths, sizes and modification times."""
     out = []
     for path in plan.files:
-        st = os.stat(path)
-        out.append({"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        st = storage.info(path)
+        out.append({"path": storage.identity(path), "size": st.size, "mtime_ns": st.mtime_ns})
     return out
 
 
@@ -75,60 +75,71 @@ class WorkDir:
     def __init__(self, path: str):
         self.path = path
 
+    def _file(self, name: str) -> str:
+        return storage.join(self.path, name)
+
     @property
     def exists(self) -> bool:
-        return os.path.isfile(os.path.join(self.path, MANIFEST))
+        return storage.is_file(self._file(MANIFEST))
 
     @property
     def assembled(self) -> bool:
-        return os.path.exists(os.path.join(self.path, ASSEMBLED))
+        return storage.exists(self._file(ASSEMBLED))
 
     def check_or_create(self, manifest: dict, restart: bool) -> None:
         """Start a new work directory, or accept the old one if it is for the same job."""
         manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
-        if restart and os.path.exists(self.path):
-            shutil.rmtree(self.path)
+        if restart:
+            storage.delete(self.path)
         if self.exists:
-            with open(os.path.join(self.path, MANIFEST)) as f:
-                old = json.load(f)
+            old = json.loads(storage.read_bytes(self._file(MANIFEST)))
             if old != manifest:
                 raise UsageError(
                     f"{self.path} holds the parts of an interrupted run that differs from this one: "
                     f"{_describe_difference(old, manifest)}. Rerun the original command to finish it, "
                     "or pass --restart to discard its parts.")
-            for name in os.listdir(self.path):  # a part whose rename never happened
+            for name in self._names():  # a part whose move never happened
                 if name.endswith(".tmp"):
-                    os.unlink(os.path.join(self.path, name))
+                    storage.delete_file(self._file(name))
             return
-        if os.path.exists(self.path):
-            shutil.rmtree(self.path)  # no manifest: a run that died before writing any part
-        os.makedirs(self.path)
-        _write_atomic(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        storage.delete(self.path)  # no manifest: a run that died before writing any part
+        storage.make_dirs(self.path)
+        storage.write_bytes_atomic(self._file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def _names(self) -> list[str]:
+        return [storage.basename(f) for f in storage.list_files(self.path)] if storage.is_dir(self.path) else []
 
     def parts(self) -> list[tuple[int, str]]:
         """(first row, path) of every finished part, in row order."""
         found = []
-        for name in os.listdir(self.path):
+        for name in self._names():
             m = _PART.match(name)
             if m:
-                found.append((int(m.group(1)), os.path.join(self.path, name)))
+                found.append((int(m.group(1)), self._file(name)))
         return sorted(found)
 
-    def finished_rows(self) -> int:
-        """Rows held by consecutive parts from row 0: where the run goes on."""
-        row = 0
-        for first, path in self.parts():
-            if first != row:
-                break
-            row += pq.read_metadata(path).num_rows
-        return row
+    def todo(self, total_rows: int, rows_per_window: int) -> list[tuple[int, int]]:
+        """The row ranges [start, end) no part holds yet, as runs of whole windows."""
+        done = {first for first, _ in self.parts()}
+        ranges: list[tuple[int, int]] = []
+        for start in range(0, total_rows, rows_per_window):
+            if start in done:
+                continue
+            end = min(start + rows_per_window, total_rows)
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return ranges
 
     def write_part(self, first_row: int, table: pa.Table) -> None:
-        path = os.path.join(self.path, f"part-{first_row:012d}.parquet")
+        path = self._file(f"part-{first_row:012d}.parquet")
         try:
-            pq.write_table(table, path + ".tmp", compression="zstd")
+            tmp = storage.with_suffix(path, ".tmp")
+            fs, inner = storage.locate(tmp)
+            pq.write_table(table, inner, compression="zstd", filesystem=fs)
             faults.point("part_written")
-            os.replace(path + ".tmp", path)
+            storage.move(tmp, path)
         except OSError as e:
             raise RuntimeFailure(
                 f"could not write {path}: {e.strerror or e}. The finished parts are kept: "
@@ -140,38 +151,32 @@ class WorkDir:
         `metadata_for(counts)` gives the file's qa_batch metadata from the counts over all
         parts (rows, chunks, answered, errors), which are also returned.
         """
-        tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.assembling.tmp")
+        tmp = storage.join(storage.parent(output), f".{storage.basename(output)}.assembling.tmp")
         counts = {"rows": 0, "chunks": 0, "answered": 0, "errors": 0}
         try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for i, (_, path) in enumerate(self.parts()):
-                    table = pq.read_table(path, schema=schema)
+            fs, inner = storage.locate(tmp)
+            with pq.ParquetWriter(inner, schema, compression="zstd", filesystem=fs) as writer:
+                for _, path in self.parts():
+                    pfs, pinner = storage.locate(path)
+                    table = pq.read_table(pinner, schema=schema, filesystem=pfs)
                     writer.write_table(table)
                     for key, n in count_answers(table).items():
                         counts[key] += n
                     faults.point("assembling")
                 writer.add_key_value_metadata({"qa_batch": metadata_for(counts)})
         except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if storage.exists(tmp):
+                storage.delete_file(tmp)
             raise RuntimeFailure(
                 f"could not write {output}: {e.strerror or e}. The finished parts in {self.path} are "
                 "kept: fix the cause and rerun the same command to resume") from None
         # Once the marker exists the output is complete; a rerun only finishes the clean-up.
-        _write_atomic(os.path.join(self.path, ASSEMBLED), b"")
+        storage.write_bytes_atomic(self._file(ASSEMBLED), b"")
         faults.point("renaming")
-        os.replace(tmp, output)
+        storage.move(tmp, output)
         faults.point("cleaning_up")
-        shutil.rmtree(self.path)
+        storage.delete_dir(self.path)
         return counts
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+        storage.delete(self.path)

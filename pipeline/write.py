@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import storage
 from .merge import RowAnswer
 from .read import InputPlan, RowBatch
 
@@ -87,5 +88,6 @@ def count_answers(table: pa.Table) -> dict:
 
 def read_metadata(path: str) -> dict:
     """The qa-batch metadata of an output file (model, options, times, counts)."""
-    meta = pq.read_metadata(path).metadata or {}
+    fs, inner = storage.locate(path)
+    meta = pq.read_metadata(inner, filesystem=fs).metadata or {}
     return json.loads(meta[METADATA_KEY])

@@ -1,0 +1,228 @@
+"""Where inputs and outputs live: local paths, or any filesystem pyarrow understands.
+
+    data/input.parquet                                    a local path
+    s3://bucket/exports/   gs://bucket/x.parquet          object stores
+    hdfs://namenode:8020/data/                            HDFS
+    s3://bucket/x.parquet?endpoint_override=host:9000&scheme=http     S3-compatible (MinIO)
+
+Every stage reads and writes through these few functions, so the engines never care
+which it is. Credentials come from the usual places (AWS_* variables, instance roles,
+GOOGLE_APPLICATION_CREDENTIALS, ...), as pyarrow finds them. Object stores have no
+rename: a "move" there is a server-side copy, which makes the object appear whole or
+not at all, and that is all the output's atomicity needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import posixpath
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+from .errors import UsageError
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_LOCAL = pafs.LocalFileSystem()
+
+
+def is_uri(spec: str) -> bool:
+    """True for scheme://... specs other than file://, which is just a local path."""
+    return bool(_SCHEME.match(spec)) and not spec.startswith("file://")
+
+
+def _local_path(spec: str) -> str:
+    return spec[len("file://"):] if spec.startswith("file://") else spec
+
+
+@functools.lru_cache(maxsize=None)
+def _root_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    # One filesystem object per bucket or host (creating one can cost a network round trip).
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{root}: not a filesystem pyarrow can open ({e})") from None
+
+
+def locate(spec: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `spec` and the path within it."""
+    if not is_uri(spec):
+        return _LOCAL, os.path.abspath(_local_path(spec))
+    u = urlsplit(spec)
+    fs, root_path = _root_filesystem(urlunsplit((u.scheme, u.netloc, "", u.query, "")))
+    rest = u.path.strip("/")
+    if not rest:
+        return fs, root_path
+    if root_path in ("", "/"):  # hdfs://host:port/... : the path is absolute on that host
+        return fs, root_path + rest
+    return fs, root_path.rstrip("/") + "/" + rest  # s3://bucket/key: "bucket/key"
+
+
+def join(spec: str, *names: str) -> str:
+    """`spec`/name..., keeping a URI's query (endpoint options) at the end."""
+    if not is_uri(spec):
+        return os.path.join(spec, *names)
+    u = urlsplit(spec)
+    return urlunsplit((u.scheme, u.netloc, posixpath.join(u.path or "/", *names), u.query, ""))
+
+
+def with_suffix(spec: str, suffix: str) -> str:
+    """`spec` with `suffix` appended to its last component: answers.parquet -> answers.parquet.partial."""
+    if not is_uri(spec):
+        return spec + suffix
+    u = urlsplit(spec)
+    return urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + suffix, u.query, ""))
+
+
+def parent(spec: str) -> str:
+    if not is_uri(spec):
+        return os.path.dirname(os.path.abspath(_local_path(spec)))
+    u = urlsplit(spec)
+    return urlunsplit((u.scheme, u.netloc, posixpath.dirname(u.path.rstrip("/")), u.query, ""))
+
+
+def basename(spec: str) -> str:
+    return posixpath.basename(urlsplit(spec).path.rstrip("/")) if is_uri(spec) else os.path.basename(spec)
+
+
+def info(spec: str) -> pafs.FileInfo:
+    fs, path = locate(spec)
+    return fs.get_file_info(path)
+
+
+def is_file(spec: str) -> bool:
+    return info(spec).type == pafs.FileType.File
+
+
+def is_dir(spec: str) -> bool:
+    return info(spec).type == pafs.FileType.Directory
+
+
+def exists(spec: str) -> bool:
+    return info(spec).type != pafs.FileType.NotFound
+
+
+def identity(spec: str) -> str:
+    """A name that is the same for the same file however it was written (for duplicates, fingerprints)."""
+    return spec if is_uri(spec) else os.path.realpath(_local_path(spec))
+
+
+def list_files(spec: str) -> list[str]:
+    """Every file below a directory, as specs of the same kind as `spec`, sorted."""
+    fs, path = locate(spec)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for f in found:
+        if f.type != pafs.FileType.File:
+            continue
+        rel = f.path[len(path.rstrip("/")) + 1:] if f.path.startswith(path.rstrip("/") + "/") else f.base_name
+        out.append(join(spec, *rel.split("/")))
+    return sorted(out)
+
+
+def relative(directory: str, file: str) -> str:
+    """`file`'s path below `directory`, '/'-separated."""
+    if is_uri(file):
+        return urlsplit(file).path[len(urlsplit(directory).path.rstrip("/")) + 1:]
+    return os.path.relpath(file, directory).replace(os.sep, "/")
+
+
+def glob_files(pattern: str) -> list[str]:
+    """Files matching a glob (*, ?, [..], ** across folders), sorted."""
+    if not is_uri(pattern):
+        return sorted(p for p in glob.glob(_local_path(pattern), recursive=True) if os.path.isfile(p))
+    u = urlsplit(pattern)
+    parts = u.path.split("/")
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    base = urlunsplit((u.scheme, u.netloc, "/".join(parts[:fixed]) or "/", u.query, ""))
+    regex = re.compile(_glob_regex("/".join(parts[fixed:])))
+    base_path = urlsplit(base).path.rstrip("/")
+    matched = []
+    for f in list_files(base) if exists(base) else []:
+        rel = urlsplit(f).path[len(base_path) + 1:]
+        if regex.fullmatch(rel):
+            matched.append(f)
+    return matched
+
+
+def _glob_regex(pattern: str) -> str:
+    """A glob as a regex over '/'-separated paths: * ? [..] stay within a folder, ** spans folders."""
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, piece = 0, ""
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                piece += "[^/]*"
+            elif c == "?":
+                piece += "[^/]"
+            elif c == "[" and part.find("]", j + 2) != -1:
+                k = part.find("]", j + 2)
+                body = part[j + 1:k]
+                piece += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+                j = k
+            else:
+                piece += re.escape(c)
+            j += 1
+        out.append(piece + ("" if last else "/"))
+    return "".join(out)
+
+
+def read_bytes(spec: str) -> bytes:
+    fs, path = locate(spec)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(spec: str, data: bytes) -> None:
+    fs, path = locate(spec)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_bytes_atomic(spec: str, data: bytes) -> None:
+    """Write to a temporary name, then move into place: readers see all of it or nothing."""
+    write_bytes(with_suffix(spec, ".tmp"), data)
+    move(with_suffix(spec, ".tmp"), spec)
+
+
+def move(src: str, dst: str) -> None:
+    fs, a = locate(src)
+    _, b = locate(dst)
+    fs.move(a, b)
+
+
+def make_dirs(spec: str) -> None:
+    fs, path = locate(spec)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_file(spec: str) -> None:
+    fs, path = locate(spec)
+    fs.delete_file(path)
+
+
+def delete_dir(spec: str, missing_ok: bool = True) -> None:
+    fs, path = locate(spec)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def delete(spec: str) -> None:
+    """Remove a file or a directory tree, if there is one."""
+    kind = info(spec).type
+    if kind == pafs.FileType.Directory:
+        delete_dir(spec)
+    elif kind == pafs.FileType.File:
+        delete_file(spec)
