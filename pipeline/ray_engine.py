@@ -1,14 +1,15 @@
 """The Ray engine: the same stages as the local engine, run by Ray Data actors.
 
-    windows of rows -> map_batches(RayAnswerer actors) -> write_parquet(output directory)
+    shards of rows -> map_batches(RayAnswerer actors) -> write_parquet(output directory)
 
 Each actor loads the model once (in __init__) and answers whole windows of
 `--rows-per-window` rows with `Stages.answer_window`, the code the local engine runs. The
-dataset's items are the windows' first row numbers rather than rows read by
-ray.data.read_parquet: an actor reads its window itself (skipping whole row groups), so
-rows keep their global row numbers and the windows, hence the batches and the answers,
-are exactly those of a local run. The output is a directory of Parquet files with the
-local engine's schema and metadata; their union is the local output's table.
+dataset's items are shards, row ranges of `--rows-per-batch` rows in whole windows, rather
+than rows read by ray.data.read_parquet: an actor reads its shard itself (from the row
+group holding its first row, through storage.py, so s3:// works on every node), rows keep
+their global row numbers, and the windows, hence the batches and the answers, are
+exactly those of a local run. The output is a directory of Parquet files (one per shard)
+with the local engine's schema and metadata; their union is the local output's table.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import time
 
 import pyarrow.parquet as pq
 
-from . import __version__, faults
+from . import __version__, faults, storage
 from .config import RunConfig
 from .engine import RunSummary, Stages, check_options, default_output
 from .errors import RuntimeFailure, UsageError
 from .model import load_model
 from .read import InputPlan, plan_inputs, read_windows
+from .workers import balanced_shard_rows, split_ranges
 from .write import count_answers, output_schema
 
 
@@ -49,16 +50,16 @@ class RayAnswerer:
         import pyarrow as pa
 
         tables = []
-        for first_row in batch["first_row"]:
-            faults.once("ray_window")
-            windows = read_windows(self.plan, self.config.rows_per_window, self.config.limit, int(first_row))
-            tables.append(self.stages.answer_window(next(windows), self.schema, self.plan.id_col))
-            windows.close()
+        for start, end in zip(batch["start"], batch["end"]):
+            for rows in read_windows(self.plan, self.config.rows_per_window, int(end), int(start)):
+                faults.once("ray_window")
+                tables.append(self.stages.answer_window(rows, self.schema, self.plan.id_col))
         return pa.concat_tables(tables)
 
 
 def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
-    return default_output(inputs, files).removesuffix(".parquet")
+    out = default_output(inputs, files)
+    return out.replace(".answers.parquet", ".answers", 1)
 
 
 def run_ray(config: RunConfig) -> RunSummary:
@@ -72,10 +73,12 @@ def run_ray(config: RunConfig) -> RunSummary:
     check_options(config)
     plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns)
     output = config.output or default_output_dir(config.inputs, plan.files)
-    if os.path.exists(output):
+    if config.rows_per_batch is not None and config.rows_per_batch < 1:
+        raise UsageError(f"--rows-per-batch {config.rows_per_batch}: must be at least 1")
+    if storage.exists(output):
         if not config.overwrite:
             raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
-        shutil.rmtree(output) if os.path.isdir(output) else os.unlink(output)
+        storage.delete(output)
     total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
     metadata = json.dumps({"qa_batch_version": __version__, "engine": "ray", "model": {"id": config.model},
                            "options": config.as_dict(), "started_at": started_at}).encode()
@@ -90,18 +93,21 @@ def run_ray(config: RunConfig) -> RunSummary:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    items = [{"first_row": r} for r in range(0, total, config.rows_per_window)]
+    whole = [(0, total)] if total else []
+    items = [{"start": a, "end": b} for a, b in split_ranges(
+        whole, config.rows_per_window, config.rows_per_batch or balanced_shard_rows(whole, actors))]
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             RayAnswerer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata,
                                    "threads": max(1, int(cpus))})  # Ray Data restarts lost actors, redoes their windows
-        ds.write_parquet(output)
+        fs, path = storage.locate(output)
+        ds.write_parquet(path, filesystem=fs)
     except Exception as e:  # Ray wraps worker errors in its own types
         raise RuntimeFailure(f"the Ray job failed: {e}") from None
     elapsed = time.perf_counter() - started
-    c = count_answers(pq.read_table(output, columns=["answer", "error", "chunks"]))
+    c = count_answers(pq.read_table(path, columns=["answer", "error", "chunks"], filesystem=fs))
     return RunSummary(
         output=output, rows=c["rows"], rows_this_run=c["rows"], chunks=c["chunks"], answered=c["answered"],
         errors=c["errors"], null=c["rows"] - c["answered"] - c["errors"], elapsed_s=round(elapsed, 3),

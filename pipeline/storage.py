@@ -44,7 +44,10 @@ def _root_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(root)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{root}: not a filesystem pyarrow can open ({e})") from None
+        raise UsageError(
+            f"cannot open {root}: {e}. Check the name, the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, "
+            "...) and the network; for an S3-compatible store set AWS_ENDPOINT_URL_S3 or add "
+            "?endpoint_override=host:port&scheme=http to the URI") from None
 
 
 def locate(spec: str) -> tuple[pafs.FileSystem, str]:

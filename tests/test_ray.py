@@ -32,9 +32,11 @@ def local_table(inputs, bert_dir, tmp_path):
 
 def test_ray_engine_equals_the_local_engine(inputs, bert_dir, tmp_path):
     out = tmp_path / "ray-out"
-    r = run_cli("run", inputs, "-o", out, "--model", bert_dir, "--engine", "ray", "--cpu-workers", "2", *OPTIONS)
+    r = run_cli("run", inputs, "-o", out, "--model", bert_dir, "--engine", "ray", "--cpu-workers", "2",
+                "--rows-per-batch", "16", *OPTIONS)
     assert r.returncode == 0, r.stderr
     assert "45 rows" in r.stderr
+    assert len([n for n in os.listdir(out) if n.endswith(".parquet")]) == 3  # 16 rows (2 windows) per task
     ray_table = pq.read_table(out).sort_by("row")
     local = local_table(inputs, bert_dir, tmp_path)
     assert ray_table["row"].to_pylist() == list(range(45))  # every row once, numbered over all inputs
@@ -54,3 +56,15 @@ def test_a_killed_worker_loses_and_repeats_no_row(inputs, bert_dir, tmp_path):
     assert table["row"].to_pylist() == list(range(45))
     assert table.select(["row", "answer", "answer_start"]).equals(
         local_table(inputs, bert_dir, tmp_path).select(["row", "answer", "answer_start"]))
+
+
+def test_ray_reads_and_writes_s3(inputs, bert_dir, tmp_path, s3):
+    for name in sorted(os.listdir(inputs)):
+        s3["fs"].create_dir("nightly/ray-in")
+        pq.write_table(pq.read_table(inputs / name), f"nightly/ray-in/{name}", filesystem=s3["fs"])
+    r = run_cli("run", "s3://nightly/ray-in/", "-o", "s3://nightly/ray-out", "--model", bert_dir, "--engine", "ray",
+                "--cpu-workers", "2", *OPTIONS, env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table("nightly/ray-out", filesystem=s3["fs"]).sort_by("row")
+    local = local_table(inputs, bert_dir, tmp_path)
+    assert table.select(local.column_names).equals(local)

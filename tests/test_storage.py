@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -43,34 +41,6 @@ def test_uris_keep_their_endpoint_options_when_joined():
     assert storage.parent(uri) == "s3://bucket/out?endpoint_override=localhost:9000&scheme=http"
     assert storage.basename(uri) == "answers.parquet"
     assert not storage.is_uri("file:///tmp/x.parquet") and storage.is_uri("gs://b/x.parquet")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A local S3 server with one bucket; yields the environment that points clients at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "the S3 server did not start"
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    fs = pafs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1",
-                           endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
-    fs.create_dir("nightly")
-    yield {"env": env, "fs": fs}
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
 
 
 @pytest.fixture(scope="module")
