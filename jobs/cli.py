@@ -173,7 +173,8 @@ def run(
         log.say("interrupted", f"interrupted; {resume_hint}", level="error", exit_code=EXIT_INTERRUPTED)
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.resumed_from_row:
-        log.say("resumed", f"resumed after row {summary.resumed_from_row} of an interrupted run",
+        log.say("resumed", f"resumed an interrupted run: {summary.resumed_from_row} rows were answered before, "
+                f"{summary.rows_this_run} now",
                 resumed_from_row=summary.resumed_from_row)
     log.say("run_finished", summary.line().removeprefix("qa-batch: "), **summary.as_dict())
 

@@ -11,7 +11,10 @@ The data flow, one module per stage:
     write   (write.py)   answers        -> Parquet, written atomically
 
 `engine.py` wires the stages together; `model.py` loads the checkpoint; `config.py`
-holds every option in one dataclass.
+holds every option in one dataclass; `resume.py` keeps finished windows as parts;
+`storage.py` makes local paths and s3:// (any pyarrow filesystem) look alike. To scale
+out, `workers.py` runs one engine process per device of a machine and `ray_engine.py`
+runs the same stages in Ray Data actors.
 """
 
 __version__ = "0.1.0"

@@ -443,8 +443,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     t_load = time.perf_counter() - t_load
     model_rss_mb = _current_rss_mb()
     check_max_seq_len(config, loaded.max_positions)
-    threads_before = torch.get_num_threads()
-    stages_ = Stages.build(config, loaded, config.cpu_workers or threads_before)  # pool starts on first use
+    cores = torch.get_num_threads()  # what torch would use: on the CPU, one worker per core
+    stages_ = Stages.build(config, loaded, config.cpu_workers or cores)  # pool starts on first use
     model_info = {"id": loaded.model_id, "revision": loaded.revision}
     metadata = job.metadata(model_info, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
     todo = job.open_parts(model_info, loaded.device.type, metadata["dtype"], stages_.batch_size,
@@ -455,16 +455,12 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     bar = tqdm(total=job.total_rows, initial=done_before, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
-        if predictor.workers > 1:
-            torch.set_num_threads(1)  # one intra-op thread per worker; restored at the end
         answer_ranges(stages_, job, todo, progress, bar.update, stop_requested)
     except Interrupted as e:
         raise Interrupted(done_before + e.rows_done, e.work_dir) from None
     finally:
         bar.close()
         predictor.close()
-        if predictor.workers > 1:
-            torch.set_num_threads(threads_before)
 
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
                          started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=done_before)

@@ -4,8 +4,9 @@ On CUDA out-of-memory the batch is split in two and each half retried (recursive
 to a single chunk); every chunk is answered exactly once and the engine counts the splits.
 
 `Predictor.submit` starts a batch and returns a handle whose `result()` gives the spans on
-the host. On CUDA the launch is asynchronous (the copy back is non-blocking, an event marks
-its end), so the next batch is queued while this one runs. On the CPU, `workers` threads
+the host. On CUDA the launch is asynchronous, on a stream of its own (copies in from pinned
+memory, forward, span search, copy back, and an event marking its end), so the next batch is
+queued while this one runs and nothing else using the default stream serialises with it. On the CPU, `workers` threads
 each run whole batches with one intra-op thread: on a few cores that beats splitting every
 matrix product across them (measured 15% faster on 2 cores, see BENCHMARKS.md).
 """
@@ -66,19 +67,27 @@ class Predictor:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._pool = None
-        if self.device.type == "cpu" and self.workers > 1:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer")
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._threads_before = None
+        if self.device.type == "cpu":
+            # one intra-op thread per worker (torch's count is per process); close() restores it
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            if self.workers > 1:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer")
 
     def submit(self, batch: HostBatch):
         """Start the batch; pass the handle to collect() for its spans on the host."""
         if self._pool is not None:
             return self._pool.submit(self, batch)
         with self._failures():
-            spans = self(batch)
-            if self.device.type == "cuda":
-                with torch.inference_mode():
-                    return _CudaHandle(spans.to("cpu", non_blocking=True))
-        return _Ready(spans)
+            if self._stream is not None:
+                # The batch's device memory is allocated and used on this stream only, and its
+                # pinned host tensors live until collect(): no cross-stream hazards to manage.
+                with torch.cuda.stream(self._stream), torch.inference_mode():
+                    spans = self(batch)
+                    return _CudaHandle(spans.to("cpu", non_blocking=True))  # its event is on this stream
+            return _Ready(self(batch))
 
     def collect(self, handle) -> ChunkSpans:
         """Wait for a submitted batch; its spans, on the host."""
@@ -98,6 +107,9 @@ class Predictor:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def _forward(self, inputs: dict[str, torch.Tensor], ctx_start, ctx_len, cls_pos) -> ChunkSpans:
         non_blocking = self.device.type == "cuda"

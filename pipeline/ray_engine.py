@@ -44,7 +44,8 @@ class RayAnswerer:
         device = "cuda" if ray.get_gpu_ids() else ("cpu" if config.device == "auto" else config.device)
         self.config, self.plan = config, plan
         self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": metadata})
-        self.stages = Stages.build(config, load_model(config.model, device, config.dtype, config.quantize))
+        loaded = load_model(config.model, device, config.dtype, config.quantize)
+        self.stages = Stages.build(config, loaded, cpu_workers=max(1, threads))  # CPU: one thread per worker
 
     def __call__(self, batch: dict):
         import pyarrow as pa

@@ -73,8 +73,6 @@ def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop,
         loaded = load_model(job.config.model, device, job.config.dtype, job.config.quantize)
         progress.stages["load_model"] += time.perf_counter() - t0
         stages = Stages.build(job.config, loaded, cpu_workers=threads)
-        if stages.predictor.workers > 1:
-            torch.set_num_threads(1)
         results.put(("ready", key, {
             "model": {"id": loaded.model_id, "revision": loaded.revision},
             "device_type": loaded.device.type, "dtype": str(loaded.dtype).removeprefix("torch."),

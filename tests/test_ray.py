@@ -68,3 +68,14 @@ def test_ray_reads_and_writes_s3(inputs, bert_dir, tmp_path, s3):
     table = pq.read_table("nightly/ray-out", filesystem=s3["fs"]).sort_by("row")
     local = local_table(inputs, bert_dir, tmp_path)
     assert table.select(local.column_names).equals(local)
+
+
+def test_without_ray_the_ray_engine_says_which_extra_to_install(bert_dir, tmp_path):
+    hidden = tmp_path / "no-ray" / "ray"  # shadows the installed package, as if it were not there
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    r = run_cli("run", SAMPLE, "-o", tmp_path / "out", "--model", bert_dir, "--engine", "ray",
+                env={"PYTHONPATH": str(tmp_path / "no-ray")})
+    assert r.returncode == 2, r.stderr
+    assert "pip install 'qa-batch[ray]'" in r.stderr
+    assert not (tmp_path / "out").exists()
