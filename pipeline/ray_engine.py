@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 
 from . import __version__, faults, storage
 from .config import RunConfig
-from .engine import RunSummary, Stages, check_options, default_output
+from .engine import RunSummary, Stages, _reported, check_options, default_output
 from .errors import RuntimeFailure, UsageError
 from .model import load_model
+from .resume import work_dir_for
 from .read import InputPlan, plan_inputs, read_windows
 from .workers import balanced_shard_rows, split_ranges
 from .write import count_answers, output_schema
@@ -35,7 +36,7 @@ from .write import count_answers, output_schema
 class RayAnswerer:
     """A Ray Data actor: one model, many windows."""
 
-    def __init__(self, config: RunConfig, plan: InputPlan, metadata: bytes, threads: int):
+    def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -43,9 +44,12 @@ class RayAnswerer:
 
         device = "cuda" if ray.get_gpu_ids() else ("cpu" if config.device == "auto" else config.device)
         self.config, self.plan = config, plan
-        self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": metadata})
         loaded = load_model(config.model, device, config.dtype, config.quantize)
         self.stages = Stages.build(config, loaded, cpu_workers=max(1, threads))  # CPU: one thread per worker
+        # each file's metadata: the driver's (version, options, start) and this actor's model and device
+        metadata = {**metadata, "model": {"id": loaded.model_id, "revision": loaded.revision},
+                    "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+        self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": json.dumps(metadata).encode()})
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -76,13 +80,13 @@ def run_ray(config: RunConfig) -> RunSummary:
     output = config.output or default_output_dir(config.inputs, plan.files)
     if config.rows_per_batch is not None and config.rows_per_batch < 1:
         raise UsageError(f"--rows-per-batch {config.rows_per_batch}: must be at least 1")
-    if storage.exists(output):
-        if not config.overwrite:
-            raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
-        storage.delete(output)
+    if storage.exists(output) and not config.overwrite:
+        raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
+    staging = work_dir_for(output)  # the files are written here, then moved into place at the end
+    storage.delete(staging)  # left by a failed Ray run: Ray runs start over rather than resume
     total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
-    metadata = json.dumps({"qa_batch_version": __version__, "engine": "ray", "model": {"id": config.model},
-                           "options": config.as_dict(), "started_at": started_at}).encode()
+    metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
+                "started_at": started_at}
 
     gpu = config.num_gpus > 0
     actors = config.num_gpus if gpu else (config.cpu_workers or 1)
@@ -103,15 +107,17 @@ def run_ray(config: RunConfig) -> RunSummary:
             num_cpus=cpus, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata,
                                    "threads": max(1, int(cpus))})  # Ray Data restarts lost actors, redoes their windows
-        fs, path = storage.locate(output)
+        fs, path = storage.locate(staging)
         ds.write_parquet(path, filesystem=fs)
     except Exception as e:  # Ray wraps worker errors in its own types
-        raise RuntimeFailure(f"the Ray job failed: {e}") from None
-    elapsed = time.perf_counter() - started
+        raise RuntimeFailure(f"the Ray job failed: {e}; the previous output, if any, is untouched") from None
     c = count_answers(pq.read_table(path, columns=["answer", "error", "chunks"], filesystem=fs))
-    return RunSummary(
+    storage.delete(output)  # --overwrite: yesterday's answers are replaced only now
+    storage.move_tree(staging, output)
+    elapsed = time.perf_counter() - started
+    return _reported(RunSummary(
         output=output, rows=c["rows"], rows_this_run=c["rows"], chunks=c["chunks"], answered=c["answered"],
         errors=c["errors"], null=c["rows"] - c["answered"] - c["errors"], elapsed_s=round(elapsed, 3),
         rows_per_s=round(c["rows"] / elapsed, 2), chunks_per_s=round(c["chunks"] / elapsed, 2),
         started_at=started_at, device="ray",
-        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")), config)

@@ -203,6 +203,18 @@ def move(src: str, dst: str) -> None:
     fs.move(a, b)
 
 
+def move_tree(src: str, dst: str) -> None:
+    """Move a directory: one rename on a local disk, file by file (server-side copies) on object stores."""
+    fs, a = locate(src)
+    _, b = locate(dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(a, b)
+        return
+    for f in list_files(src):
+        move(f, join(dst, *relative(src, f).split("/")))
+    delete_dir(src)
+
+
 def make_dirs(spec: str) -> None:
     fs, path = locate(spec)
     fs.create_dir(path, recursive=True)

@@ -123,6 +123,8 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     bar = None
     try:
         ready = workers.wait_ready()
+        if not ready:  # stopped (a signal) before any worker was ready
+            raise Interrupted(0, job.parts.path)
         first = next(iter(ready.values()))
         for d, r in ready.items():
             for key in ("model", "dtype", "batch_size", "max_batch_tokens"):

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE, run_cli
+from pipeline.write import read_metadata
 
 pytest.importorskip("ray.data")
 
@@ -41,8 +42,9 @@ def test_ray_engine_equals_the_local_engine(inputs, bert_dir, tmp_path):
     local = local_table(inputs, bert_dir, tmp_path)
     assert ray_table["row"].to_pylist() == list(range(45))  # every row once, numbered over all inputs
     assert ray_table.select(local.column_names).equals(local)
-    meta = pq.read_metadata(os.path.join(out, sorted(os.listdir(out))[0])).metadata
-    assert b"qa_batch" in meta
+    meta = read_metadata(os.path.join(out, sorted(os.listdir(out))[0]))
+    assert meta["engine"] == "ray" and meta["model"]["revision"].startswith("sha256:") and meta["device"] == "cpu"
+    assert not os.path.exists(str(out) + ".partial")
 
 
 def test_a_killed_worker_loses_and_repeats_no_row(inputs, bert_dir, tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -97,3 +99,23 @@ def test_a_device_that_is_not_there_is_refused_before_any_work(job, tmp_path):
     r = run_cli("run", job["input"], "-o", tmp_path / "o.parquet", "--model", job["model"], "--devices", "cpu,cuda:7")
     assert r.returncode == 2
     assert "cuda:7" in r.stderr
+
+
+def test_sigterm_stops_every_worker_and_the_rerun_resumes(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(job["input"]), "-o", str(out), "--model", job["model"],
+           *OPTIONS, "--devices", "cpu,cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = WorkDir(str(out) + ".partial")
+    deadline = time.time() + 120
+    while proc.poll() is None and not (work.exists and work.parts()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the parent only, as a scheduler does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "rerun the same command to resume" in err
+    assert not out.exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).equals(job["reference"])
