@@ -56,7 +56,7 @@ class RunSummary:
     chunks_per_s: float = 0.0
     padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
     oom_splits: int = 0
-    resumed_from_row: int = 0  # rows an interrupted run had already answered
+    resumed_from_row: int = 0  # rows earlier, interrupted runs had answered (with gaps: not a row number)
     rows_this_run: int = 0  # rows answered by this run (the rest came from earlier parts)
     peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
     model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row

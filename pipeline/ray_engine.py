@@ -78,6 +78,8 @@ def run_ray(config: RunConfig) -> RunSummary:
     check_options(config)
     plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns)
     output = config.output or default_output_dir(config.inputs, plan.files)
+    if config.devices:
+        raise UsageError("--devices is for the local engine; with --engine ray, --num-gpus sets the GPU actors")
     if config.rows_per_batch is not None and config.rows_per_batch < 1:
         raise UsageError(f"--rows-per-batch {config.rows_per_batch}: must be at least 1")
     if storage.exists(output) and not config.overwrite:
