@@ -230,7 +230,7 @@ def main() -> None:
                     "ratio": (ours["chunks"] / ours["seconds"]) / (ref["chunks"] / ref["seconds"]),
                     "agreement": agree, "agreement_vs_default": same_spans(ours["answers"], float32_answers),
                     "padding_efficiency": ours["padding_efficiency"],
-                    "stage_seconds": ours["stage_seconds"], "qa_peak_rss_mb": ours.get("peak_rss_mb"),
+                    "stage_seconds": ours["stage_seconds"], "bottleneck": ours.get("bottleneck", ""), "qa_peak_rss_mb": ours.get("peak_rss_mb"),
                 }
                 if cuda and not extra:
                     run["bare_chunks_per_s"] = bare_loop(ckpt, inp, seq, stride)
@@ -260,7 +260,7 @@ def markdown(results: dict, cuda: bool) -> str:
                  f"{tk['speedup']:.1f}x; identical input_ids: {tk['identical_input_ids']}.")
     lines.append("")
     head = ("| model | data | qa-batch variant | rows (old pipeline's) | chunks | old pipeline rows/s by batch size | old chunks/s (best) "
-            "| qa-batch rows/s | qa-batch chunks/s | ratio | same span as old / as default | padding eff. | stage share (s) | peak RSS old / qa-batch (MB) |")
+            "| qa-batch rows/s | qa-batch chunks/s | ratio | same span as old / as default | padding eff. | stage share (s) | bottleneck | peak RSS old / qa-batch (MB) |")
     if cuda:
         head += " bare loop chunks/s | qa-batch / bare | MFU |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -270,7 +270,7 @@ def markdown(results: dict, cuda: bool) -> str:
         line = (f"| {r['size']} | {r['dataset']} | {r['variant']} | {r['rows']} ({r['ref_rows']}) | {r['chunks']} | {refs} | "
                 f"{r['ref_chunks_per_s']:.1f} | {r['qa_rows_per_s']:.2f} | {r['qa_chunks_per_s']:.1f} | "
                 f"{r['ratio']:.2f}x | {r['agreement'] * 100:.0f}% / {r['agreement_vs_default'] * 100:.0f}% | {r['padding_efficiency']:.2f} | {stages} | "
-                f"{r['ref_peak_rss_mb']:.0f} / {r['qa_peak_rss_mb'] or 0:.0f} |")
+                f"{r.get('bottleneck', '')} | {r['ref_peak_rss_mb']:.0f} / {r['qa_peak_rss_mb'] or 0:.0f} |")
         if cuda:
             if "bare_chunks_per_s" in r:
                 line += (f" {r['bare_chunks_per_s']:.0f} | {r['qa_chunks_per_s'] / r['bare_chunks_per_s'] * 100:.0f}% | "

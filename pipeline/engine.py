@@ -65,6 +65,7 @@ class RunSummary:
     started_at: str = ""
     finished_at: str = ""
     stage_seconds: dict = field(default_factory=dict)
+    bottleneck: str = ""  # the stage that set the pace (see bottleneck())
 
     def line(self) -> str:
         return (
@@ -468,6 +469,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     summary.oom_splits = predictor.stats.oom_splits
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(progress.stages.items())}
+    summary.bottleneck = bottleneck(summary.stage_seconds)
     return job.finish(summary, metadata, progress.rows, progress.chunks)
 
 
@@ -483,6 +485,24 @@ def check_max_seq_len(config: RunConfig, max_positions: int) -> None:
         raise UsageError(
             f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
             f"({max_positions} tokens): use --max-seq-len {max_positions} or less")
+
+
+INPUT_STAGES = ("read", "tokenize", "batch")  # the producer thread
+DEVICE_STAGES = ("infer_launch", "infer_wait", "merge", "write")  # the device loop, besides waiting for input
+
+
+def bottleneck(stage_seconds: dict) -> str:
+    """Which stage set the pace: the device loop's busiest stage, unless it spent more than
+    a fifth of its time waiting for batches, then the producer's busiest stage."""
+    loop = sum(stage_seconds.get(k, 0.0) for k in DEVICE_STAGES)
+    waited = stage_seconds.get("wait_for_input", 0.0)
+    if loop + waited <= 0:
+        return ""
+    if waited > 0.2 * (loop + waited):
+        return max(INPUT_STAGES, key=lambda k: stage_seconds.get(k, 0.0))
+    infer = stage_seconds.get("infer_launch", 0.0) + stage_seconds.get("infer_wait", 0.0)
+    return max([("model", infer), ("merge", stage_seconds.get("merge", 0.0)),
+                ("write", stage_seconds.get("write", 0.0))], key=lambda kv: kv[1])[0]
 
 
 def padding_efficiency(progress: Progress) -> float:

@@ -27,8 +27,8 @@ import time
 
 from tqdm import tqdm
 
-from .engine import (Job, Progress, RunSummary, Stages, _current_rss_mb, answer_ranges, check_max_seq_len,
-                     padding_efficiency)
+from .engine import (Job, Progress, RunSummary, Stages, _current_rss_mb, answer_ranges, bottleneck,
+                     check_max_seq_len, padding_efficiency)
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from .model import load_model, resolve_device
 
@@ -102,8 +102,6 @@ def _threads_per_worker(devices: tuple[str, ...], cpu_workers: int | None) -> in
 def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> RunSummary:
     """Answer the job with one worker process per device; the parent assembles the output."""
     config = job.config
-    if len(set(devices)) < len(devices) and any(d.startswith("cuda") for d in devices):
-        raise UsageError(f"--devices {','.join(devices)}: a GPU is named twice")
     for d in devices:
         resolve_device(d)  # fails here, before any process starts, on a device that is not there
     if len({resolve_device(d).type for d in devices}) > 1:
@@ -112,7 +110,8 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     threads = _threads_per_worker(devices, config.cpu_workers)
-    keys = [f"{d}#{i}" if devices.count(d) > 1 else d for i, d in enumerate(devices)]  # cpu,cpu: two workers
+    # A device named twice gets two workers (cpu,cpu; or cuda:0,cuda:0, two model copies on one GPU).
+    keys = [f"{d}#{i}" if devices.count(d) > 1 else d for i, d in enumerate(devices)]
     procs = {key: ctx.Process(target=_worker, name=f"qa-batch-{key}", daemon=True,
                               args=(job, key, d, threads, tasks, results, stop, os.getpid()))
              for key, d in zip(keys, devices)}
@@ -160,6 +159,7 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     summary.oom_splits = sum(f.get("oom_splits", 0) for f in finals.values())
     summary.peak_rss_mb = round(max(f.get("peak_rss_mb", 0.0) for f in finals.values()), 1)  # per process
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(progress.stages.items())}  # summed over workers
+    summary.bottleneck = bottleneck(summary.stage_seconds)
     return job.finish(summary, metadata, progress.rows, progress.chunks)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.chunk import Chunker, chunk_windows
 from pipeline.config import RunConfig
-from pipeline.engine import run
+from pipeline.engine import bottleneck, run
 from pipeline.model import LoadedModel
 from conftest import write_parquet
 
@@ -152,3 +152,16 @@ def test_rows_stay_in_input_order_across_windows(tmp_path, bert_tokenizer):
     assert [r["question"] for r in rows] == questions
     assert [r["row"] for r in rows] == list(range(50))
     assert all(r["answer"] == "alpha beta gamma omega" for r in rows)
+
+
+@pytest.mark.parametrize("stages,expected", [
+    ({"wait_for_input": 0.1, "infer_launch": 1.0, "infer_wait": 8.0, "merge": 0.2, "write": 0.3,
+      "tokenize": 3.0, "read": 0.1, "batch": 0.2}, "model"),  # the device loop hardly waited
+    ({"wait_for_input": 5.0, "infer_launch": 1.0, "infer_wait": 2.0, "merge": 0.2, "write": 0.3,
+      "tokenize": 7.0, "read": 0.5, "batch": 0.4}, "tokenize"),  # it waited for batches: the producer
+    ({"wait_for_input": 5.0, "infer_launch": 1.0, "infer_wait": 2.0, "read": 7.5, "tokenize": 1.0}, "read"),
+    ({"wait_for_input": 0.0, "infer_launch": 0.5, "infer_wait": 0.5, "merge": 0.1, "write": 3.0}, "write"),
+    ({}, ""),
+])
+def test_the_bottleneck_is_the_stage_that_set_the_pace(stages, expected):
+    assert bottleneck(stages) == expected
