@@ -119,3 +119,17 @@ def test_sigterm_stops_every_worker_and_the_rerun_resumes(job, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert pq.read_table(out).equals(job["reference"])
+
+
+def test_auto_and_cuda_mean_every_visible_gpu(monkeypatch):
+    import torch
+
+    from pipeline.engine import devices_for
+
+    # No GPU here: pretend CUDA reports three, to check the choice the engine makes from it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert devices_for("auto") == devices_for("cuda") == ("cuda:0", "cuda:1", "cuda:2")
+    assert devices_for("cuda:1") == ("cuda:1",) and devices_for("cpu") == ("cpu",)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices_for("auto") == ("auto",)
