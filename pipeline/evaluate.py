@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
+from . import storage
 from .errors import UsageError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -84,8 +85,8 @@ def threshold_curve(margins: list[float], gains: list[float], base: float) -> li
 
 def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalReport:
     try:
-        answers = pl.read_parquet(answers_path)
-        gold = pl.read_parquet(gold_path)
+        answers = pl.from_arrow(storage.read_table(answers_path))
+        gold = pl.from_arrow(storage.read_table(gold_path))
     except Exception as e:  # polars raises several kinds for unreadable files
         raise UsageError(f"cannot read the tables: {e}") from None
     for name, table, cols in (("answers", answers, [id_col, "answer"]), ("gold", gold, [id_col, "answers"])):

@@ -179,6 +179,14 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def read_table(spec: str):
+    """A Parquet file, or a directory of them (an --engine ray output), as one Arrow table."""
+    import pyarrow.parquet as pq
+
+    fs, path = locate(spec)
+    return pq.read_table(path, filesystem=fs)
+
+
 def read_bytes(spec: str) -> bytes:
     fs, path = locate(spec)
     with fs.open_input_stream(path) as f:

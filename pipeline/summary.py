@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from . import storage
 from .errors import UsageError
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -12,7 +13,7 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def summarize(path: str, by: str | None = None, top: int = 20) -> dict:
     try:
-        df = pl.read_parquet(path)
+        df = pl.from_arrow(storage.read_table(path))  # a file or a directory, local or s3://
     except Exception as e:
         raise UsageError(f"{path}: cannot read it as Parquet ({e})") from None
     for col in ("answer", "error", "confidence"):

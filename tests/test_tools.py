@@ -164,6 +164,15 @@ def test_summary_counts_and_rarely_answered_questions_first(tmp_path):
     assert [g["question"] for g in s["groups"]] == ["why?", "when?", "who?"]
     assert "rarely answered first" in r.stdout
 
+    # an --engine ray output, a directory of files, is summarized as the one table it is
+    table = pq.read_table(path)
+    (tmp_path / "ray-out").mkdir()
+    pq.write_table(table.slice(0, 2), tmp_path / "ray-out" / "a.parquet")
+    pq.write_table(table.slice(2), tmp_path / "ray-out" / "b.parquet")
+    r = run_cli("summary", tmp_path / "ray-out", "--by", "question", "--json", tmp_path / "d.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "d.json").read_text()) == s
+
 
 def run_options_from_help() -> set[str]:
     from typer.main import get_command
