@@ -133,3 +133,23 @@ def test_auto_and_cuda_mean_every_visible_gpu(monkeypatch):
     assert devices_for("cuda:1") == ("cuda:1",) and devices_for("cpu") == ("cpu",)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert devices_for("auto") == ("auto",)
+
+
+def test_ctrl_c_reaches_every_process_and_the_rerun_resumes(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(job["input"]), "-o", str(out), "--model", job["model"],
+           *OPTIONS, "--devices", "cpu,cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, like a terminal's job
+    work = WorkDir(str(out) + ".partial")
+    deadline = time.time() + 120
+    while proc.poll() is None and not (work.exists and work.parts()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the parent and both workers get it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).equals(job["reference"])
