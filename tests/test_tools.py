@@ -189,6 +189,20 @@ def test_job_examples_are_valid_run_configs():
     assert data and set(data) <= known, set(data) - known
 
 
+def test_the_rayjob_recipe_runs_a_valid_command():
+    yaml = pytest.importorskip("yaml")  # comes with Ray
+    with open(os.path.join(ROOT, "jobs", "kubernetes", "rayjob.yaml")) as f:
+        job = yaml.safe_load(f)
+    assert job["kind"] == "RayJob"
+    words = job["spec"]["entrypoint"].split()
+    assert words[:2] == ["qa-batch", "run"]
+    used = {w[2:] for w in words if w.startswith("--")}
+    assert used <= run_options_from_help(), used - run_options_from_help()
+    gpus = int(words[words.index("--num-gpus") + 1])
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert gpus == workers["replicas"] * workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+
+
 def test_config_file_with_cli_overrides_and_unknown_keys(tmp_path, bert_dir):
     (tmp_path / "job.toml").write_text(
         f'inputs = ["{SAMPLE}"]\noutput = "{tmp_path}/out.parquet"\nmodel = "{bert_dir}"\n'
