@@ -446,9 +446,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     check_max_seq_len(config, loaded.max_positions)
     cores = torch.get_num_threads()  # what torch would use: on the CPU, one worker per core
     stages_ = Stages.build(config, loaded, config.cpu_workers or cores)  # pool starts on first use
-    model_info = {"id": loaded.model_id, "revision": loaded.revision}
-    metadata = job.metadata(model_info, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
-    todo = job.open_parts(model_info, loaded.device.type, metadata["dtype"], stages_.batch_size,
+    metadata = job.metadata(loaded.identity, str(loaded.device), loaded.dtype_name)
+    todo = job.open_parts(loaded.identity, loaded.device.type, loaded.dtype_name, stages_.batch_size,
                           stages_.max_batch_tokens)
     done_before = job.total_rows - sum(end - start for start, end in todo)
     predictor = stages_.predictor

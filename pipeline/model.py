@@ -37,6 +37,15 @@ class LoadedModel:
     model_id: str
     revision: str | None  # hub commit, or a content hash of a local checkpoint
 
+    @property
+    def identity(self) -> dict:
+        """The model as outputs and manifests name it."""
+        return {"id": self.model_id, "revision": self.revision}
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
 
 def resolve_device(spec: str) -> torch.device:
     """'auto' picks CUDA when present; an explicit CUDA device must exist."""

@@ -20,8 +20,6 @@ import logging
 import os
 import time
 
-import pyarrow.parquet as pq
-
 from . import __version__, faults, storage
 from .config import RunConfig
 from .engine import RunSummary, Stages, _reported, check_options, default_output
@@ -39,16 +37,15 @@ class RayAnswerer:
     def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int):
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else ("cpu" if config.device == "auto" else config.device)
         self.config, self.plan = config, plan
         loaded = load_model(config.model, device, config.dtype, config.quantize)
-        self.stages = Stages.build(config, loaded, cpu_workers=max(1, threads))  # CPU: one thread per worker
+        self.stages = Stages.build(config, loaded, cpu_workers=threads)  # CPU: one thread per worker
         # each file's metadata: the driver's (version, options, start) and this actor's model and device
-        metadata = {**metadata, "model": {"id": loaded.model_id, "revision": loaded.revision},
-                    "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+        metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device), "dtype": loaded.dtype_name}
         self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": json.dumps(metadata).encode()})
 
     def __call__(self, batch: dict):
@@ -113,7 +110,7 @@ def run_ray(config: RunConfig) -> RunSummary:
         ds.write_parquet(path, filesystem=fs)
     except Exception as e:  # Ray wraps worker errors in its own types
         raise RuntimeFailure(f"the Ray job failed: {e}; the previous output, if any, is untouched") from None
-    c = count_answers(pq.read_table(path, columns=["answer", "error", "chunks"], filesystem=fs))
+    c = count_answers(storage.read_table(staging, columns=["answer", "error", "chunks"]))
     storage.delete(output)  # --overwrite: yesterday's answers are replaced only now
     storage.move_tree(staging, output)
     elapsed = time.perf_counter() - started

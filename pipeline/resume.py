@@ -157,8 +157,7 @@ class WorkDir:
             fs, inner = storage.locate(tmp)
             with pq.ParquetWriter(inner, schema, compression="zstd", filesystem=fs) as writer:
                 for _, path in self.parts():
-                    pfs, pinner = storage.locate(path)
-                    table = pq.read_table(pinner, schema=schema, filesystem=pfs)
+                    table = storage.read_table(path, schema=schema)
                     writer.write_table(table)
                     for key, n in count_answers(table).items():
                         counts[key] += n

@@ -142,13 +142,7 @@ def glob_files(pattern: str) -> list[str]:
     fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
     base = urlunsplit((u.scheme, u.netloc, "/".join(parts[:fixed]) or "/", u.query, ""))
     regex = re.compile(_glob_regex("/".join(parts[fixed:])))
-    base_path = urlsplit(base).path.rstrip("/")
-    matched = []
-    for f in list_files(base) if exists(base) else []:
-        rel = urlsplit(f).path[len(base_path) + 1:]
-        if regex.fullmatch(rel):
-            matched.append(f)
-    return matched
+    return [f for f in (list_files(base) if exists(base) else []) if regex.fullmatch(relative(base, f))]
 
 
 def _glob_regex(pattern: str) -> str:
@@ -179,12 +173,13 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
-def read_table(spec: str):
-    """A Parquet file, or a directory of them (an --engine ray output), as one Arrow table."""
+def read_table(spec: str, **options):
+    """A Parquet file, or a directory of them (an --engine ray output), as one Arrow table;
+    `options` go to pyarrow.parquet.read_table (columns=, schema=)."""
     import pyarrow.parquet as pq
 
     fs, path = locate(spec)
-    return pq.read_table(path, filesystem=fs)
+    return pq.read_table(path, filesystem=fs, **options)
 
 
 def read_bytes(spec: str) -> bytes:
@@ -233,13 +228,13 @@ def delete_file(spec: str) -> None:
     fs.delete_file(path)
 
 
-def delete_dir(spec: str, missing_ok: bool = True) -> None:
+def delete_dir(spec: str) -> None:
+    """Remove a directory tree; one that is not there is fine."""
     fs, path = locate(spec)
     try:
         fs.delete_dir(path)
     except FileNotFoundError:
-        if not missing_ok:
-            raise
+        pass
 
 
 def delete(spec: str) -> None:

@@ -14,7 +14,6 @@ only the windows no part holds, on however many devices are given then.
 
 from __future__ import annotations
 
-import collections
 import math
 import multiprocessing as mp
 import os
@@ -74,8 +73,7 @@ def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop,
         progress.stages["load_model"] += time.perf_counter() - t0
         stages = Stages.build(job.config, loaded, cpu_workers=threads)
         results.put(("ready", key, {
-            "model": {"id": loaded.model_id, "revision": loaded.revision},
-            "device_type": loaded.device.type, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "model": loaded.identity, "device_type": loaded.device.type, "dtype": loaded.dtype_name,
             "batch_size": stages.batch_size, "max_batch_tokens": stages.max_batch_tokens,
             "max_positions": loaded.max_positions, "model_rss_mb": _current_rss_mb(),
         }))
@@ -102,8 +100,7 @@ def _threads_per_worker(devices: tuple[str, ...], cpu_workers: int | None) -> in
 def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> RunSummary:
     """Answer the job with one worker process per device; the parent assembles the output."""
     config = job.config
-    for d in devices:
-        resolve_device(d)  # fails here, before any process starts, on a device that is not there
+    # fails here, before any process starts, on a device that is not there
     if len({resolve_device(d).type for d in devices}) > 1:
         raise UsageError(f"--devices {','.join(devices)}: mix of CPU and GPU; answers would differ between them")
 
@@ -207,11 +204,9 @@ class _Workers:
         raise AssertionError("unreachable")
 
     def wait_done(self, on_rows) -> dict[str, dict]:
-        counts = collections.Counter()
         for kind, key, body in self._messages():
             self._raise_on_error(kind, key, body)
             if kind == "rows":
-                counts[key] += body
                 on_rows(body)
             elif kind in ("done", "interrupted"):
                 self.interrupted |= kind == "interrupted"
