@@ -19,6 +19,8 @@ from pipeline import __version__
 from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, QaBatchError
 
+# Help texts and docstrings are rich markup: a literal [ is written \\[ ([ray] would be taken for a
+# tag and vanish), and each paragraph after a docstring's first is one line (rich keeps line breaks).
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -93,7 +95,7 @@ def run(
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it.", rich_help_panel="Input and output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line.", rich_help_panel="Running"),
-    engine: str = typer.Option("local", help="local, or ray: Ray Data actors (pip install 'qa-batch[ray]'); "
+    engine: str = typer.Option("local", help="local, or ray: Ray Data actors (pip install 'qa-batch\\[ray]'); "
                                "the output is then a directory of Parquet files.", rich_help_panel="Cluster"),
     ray_address: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="Ray cluster to join (e.g. auto); default: start a local Ray instance."),
@@ -281,8 +283,7 @@ def eval_command(
 ):
     """Exact match and F1 (official SQuAD normalisation) of answers against gold answers.
 
-    For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from
-    each row's null margin (null_score - score). Rows missing from either table are counted.
+    For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from each row's null margin (null_score - score). Rows missing from either table are counted.
     """
     from pipeline.evaluate import evaluate, plot
 
