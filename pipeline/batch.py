@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .chunk import ChunkSet
+from .spans import SpanRules
 
 
 @dataclass
@@ -22,8 +23,7 @@ class HostBatch:
     chunk_index: np.ndarray  # [B] which chunks of the ChunkSet these rows are
     inputs: dict[str, torch.Tensor]  # model inputs, each [B, T]
     ctx_start: torch.Tensor  # [B] first passage position (after padding)
-    ctx_len: torch.Tensor  # [B] passage tokens
-    cls_pos: torch.Tensor  # [B] null-answer position (after padding)
+    rules: SpanRules  # which spans of each row are candidates (positions after padding)
     real_tokens: int  # tokens before padding, for padding efficiency
 
     def __len__(self) -> int:
@@ -72,27 +72,39 @@ def collate(
     ids = np.full((len(index), width), pad_id, dtype=np.int64)
     types = np.zeros((len(index), width), dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)
+    start_ok = np.zeros((len(index), width), dtype=bool)
+    end_ok = np.zeros((len(index), width), dtype=bool)
     shift = (width - lengths) if pad_left else np.zeros_like(lengths)
+    ctx_start = chunks.ctx_start[index] + shift
     for b, i in enumerate(index):
         s, n = shift[b], lengths[b]
         chunks.assemble(i, ids[b, s : s + n], types[b, s : s + n])
         mask[b, s : s + n] = 1
+        tokens = slice(chunks.token_base[chunks.row[i]] + chunks.token_start[i],
+                       chunks.token_base[chunks.row[i]] + chunks.token_start[i] + chunks.ctx_len[i])
+        start_ok[b, ctx_start[b] : ctx_start[b] + chunks.ctx_len[i]] = chunks.can_start[tokens]
+        end_ok[b, ctx_start[b] : ctx_start[b] + chunks.ctx_len[i]] = chunks.can_end[tokens]
     arrays = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
     # An all-ones mask means no mask: leaving it out lets SDPA pick its fastest kernel.
     unpadded = bool((lengths == width).all())
     inputs = {name: torch.from_numpy(arrays[name]) for name in input_names
               if not (name == "attention_mask" and unpadded)}
-    ctx_start = torch.from_numpy(chunks.ctx_start[index] + shift)
-    ctx_len = torch.from_numpy(chunks.ctx_len[index])
-    cls_pos = torch.from_numpy(chunks.cls_pos[index] + shift)
+    to_chunk = ctx_start - chunks.token_start[index]  # passage token -> position in the padded chunk
+    rules = SpanRules(
+        start_ok=torch.from_numpy(start_ok), end_ok=torch.from_numpy(end_ok),
+        own_lo=torch.from_numpy(chunks.own_lo[index] + to_chunk),
+        own_hi=torch.from_numpy(chunks.own_hi[index] + to_chunk),
+        prev_end=torch.from_numpy(chunks.prev_end[index] + to_chunk),
+        cls_pos=torch.from_numpy(chunks.cls_pos[index] + shift),
+    )
+    ctx_start = torch.from_numpy(ctx_start)
     if pin:  # every tensor: a copy from pageable memory would wait for the GPU to go idle
         inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        ctx_start, ctx_len, cls_pos = ctx_start.pin_memory(), ctx_len.pin_memory(), cls_pos.pin_memory()
+        ctx_start, rules = ctx_start.pin_memory(), rules.pin_memory()
     return HostBatch(
         chunk_index=index,
         inputs=inputs,
         ctx_start=ctx_start,
-        ctx_len=ctx_len,
-        cls_pos=cls_pos,
+        rules=rules,
         real_tokens=int(lengths.sum()),
     )

@@ -11,6 +11,17 @@ Window rule (the tokenizers meaning of `stride`): a chunk holds up to
 `budget = max_seq_len - special tokens - question tokens` passage tokens; chunk i starts
 at passage token i * (budget - doc_stride); the last chunk is the first that reaches the
 passage's end. So consecutive chunks share exactly `doc_stride` passage tokens.
+
+Ownership rule (each distinct passage span is scored by exactly one chunk): chunk c owns the
+start tokens of its *home*, from the middle of its overlap with chunk c-1 to the middle of
+its overlap with chunk c+1, where a token has the most context on both sides (BERT
+run_squad's "max context" idea). A span whose start is at home in c but which runs past c's
+end is owned instead by the first later chunk that holds it whole. So every span that fits
+in some chunk is owned by exactly one chunk, and nothing is counted twice.
+
+Canonical spans: byte-level tokenizers split one character into several tokens with the
+same offsets. A span may start only at the first token of its start character and end only
+at the last token of its end character, so each character span is one candidate.
 """
 
 from __future__ import annotations
@@ -116,9 +127,14 @@ class ChunkSet:
     ctx_start: np.ndarray  # [chunks] position of the chunk's first passage token
     ctx_len: np.ndarray  # [chunks] number of passage tokens in the chunk
     token_start: np.ndarray  # [chunks] index of that token among the row's passage tokens
+    own_lo: np.ndarray  # [chunks] the chunk's home: passage tokens [own_lo, own_hi) (ownership rule)
+    own_hi: np.ndarray  # [chunks]
+    prev_end: np.ndarray  # [chunks] passage-token end of the previous chunk of the row (0 for the first)
     cls_pos: np.ndarray  # [chunks] position whose logits give the null score
     lengths: np.ndarray  # [chunks] tokens in the chunk, special tokens included
     offsets: np.ndarray  # [all passage tokens of the window, 2] character offsets, passages concatenated
+    can_start: np.ndarray  # [all passage tokens of the window] bool: first token of its start character
+    can_end: np.ndarray  # [all passage tokens of the window] bool: last token of its end character
     token_base: np.ndarray  # [rows] where each row's passage tokens start in `offsets`
     chunk_count: np.ndarray  # [rows] chunks per row (0 for rows with an error)
     errors: list[str | None]  # [rows] why a row gets no answer, or None
@@ -146,6 +162,28 @@ class ChunkSet:
         types = np.empty(self.lengths[c], dtype=np.int64)
         self.assemble(c, ids, types)
         return ids, types
+
+
+def canonical_ends(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which tokens may start and end a span: the first of the tokens sharing a start offset,
+    the last of the tokens sharing an end offset (one token span per character span)."""
+    n = len(offsets)
+    can_start = np.ones(n, dtype=bool)
+    can_end = np.ones(n, dtype=bool)
+    if n > 1:
+        can_start[1:] = offsets[1:, 0] != offsets[:-1, 0]
+        can_end[:-1] = offsets[:-1, 1] != offsets[1:, 1]
+    return can_start, can_end
+
+
+def homes(windows: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(own_lo, own_hi, prev_end) of each window: the ownership rule in the module docstring."""
+    out = []
+    for c, (start, stop) in enumerate(windows):
+        lo = 0 if c == 0 else (start + windows[c - 1][1]) // 2
+        hi = stop if c == len(windows) - 1 else (windows[c + 1][0] + stop) // 2
+        out.append((lo, hi, 0 if c == 0 else windows[c - 1][1]))
+    return out
 
 
 def row_error(passage, question) -> str | None:
@@ -194,10 +232,14 @@ class Chunker:
         p_base = np.zeros(len(uniq_p) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in p_ids], out=p_base[1:])
         offsets = np.concatenate(p_off) if p_off else np.zeros((0, 2), dtype=np.int64)
+        ends = [canonical_ends(o) for o in p_off]
+        can_start = np.concatenate([a for a, _ in ends]) if ends else np.zeros(0, dtype=bool)
+        can_end = np.concatenate([b for _, b in ends]) if ends else np.zeros(0, dtype=bool)
         token_base = np.zeros(len(passages), dtype=np.int64)
 
         chunk_question, chunk_passage = [], []
         row, ctx_start, ctx_len, token_start, cls_pos, lengths = [], [], [], [], [], []
+        own_lo, own_hi, prev_end = [], [], []
         chunk_count = np.zeros(len(passages), dtype=np.int64)
         for i in ok:
             pj, qj = p_index[passages[i]], q_index[questions[i]]
@@ -217,7 +259,8 @@ class Chunker:
                 errors[i] = "passage has no tokens after tokenization"
                 continue
             ctx = len(t.prefix) + (len(ids_q) + len(t.middle) if t.question_first else 0)
-            for start, stop in chunk_windows(len(ids_p), budget, self.doc_stride):
+            windows = chunk_windows(len(ids_p), budget, self.doc_stride)
+            for (start, stop), (lo, hi, prev) in zip(windows, homes(windows)):
                 length = t.n_special + len(ids_q) + stop - start
                 chunk_question.append(qj)
                 chunk_passage.append(pj)
@@ -225,6 +268,9 @@ class Chunker:
                 ctx_start.append(ctx)
                 ctx_len.append(stop - start)
                 token_start.append(start)
+                own_lo.append(lo)
+                own_hi.append(hi)
+                prev_end.append(prev)
                 cls_pos.append(t.cls_position(length))
                 lengths.append(length)
                 chunk_count[i] += 1
@@ -235,6 +281,7 @@ class Chunker:
         return ChunkSet(
             template=t, question_ids=q_ids, passage_ids=p_ids, chunk_question=arr(chunk_question),
             chunk_passage=arr(chunk_passage), row=arr(row), ctx_start=arr(ctx_start), ctx_len=arr(ctx_len),
-            token_start=arr(token_start), cls_pos=arr(cls_pos), lengths=arr(lengths),
-            offsets=offsets, token_base=token_base, chunk_count=chunk_count, errors=errors,
+            token_start=arr(token_start), own_lo=arr(own_lo), own_hi=arr(own_hi), prev_end=arr(prev_end),
+            cls_pos=arr(cls_pos), lengths=arr(lengths),
+            offsets=offsets, can_start=can_start, can_end=can_end, token_base=token_base, chunk_count=chunk_count, errors=errors,
         )

@@ -156,13 +156,13 @@ class Stages:
     predictor: Predictor
     batch_size: int
     max_batch_tokens: int
-    chunk_k: int  # spans kept per chunk (more than top_k: duplicates across chunks merge)
+    chunk_k: int  # spans kept per chunk: top_k (each distinct span is owned by one chunk only)
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
-        chunk_k = 1 if config.top_k == 1 else 2 * config.top_k + 2
+        chunk_k = config.top_k
         return cls(
             config=config, loaded=loaded,
             chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,

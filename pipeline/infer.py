@@ -22,7 +22,7 @@ import torch
 
 from .batch import HostBatch
 from .errors import RuntimeFailure
-from .spans import ChunkSpans, search_spans
+from .spans import ChunkSpans, SpanRules, search_spans
 
 
 @dataclass
@@ -111,40 +111,31 @@ class Predictor:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
 
-    def _forward(self, inputs: dict[str, torch.Tensor], ctx_start, ctx_len, cls_pos) -> ChunkSpans:
+    def _forward(self, inputs: dict[str, torch.Tensor], rules: SpanRules) -> ChunkSpans:
         non_blocking = self.device.type == "cuda"
         inputs = {n: t.to(self.device, non_blocking=non_blocking) for n, t in inputs.items()}
         out = self.model(**inputs)
-        return search_spans(
-            out.start_logits, out.end_logits,
-            ctx_start.to(self.device, non_blocking=non_blocking),
-            ctx_len.to(self.device, non_blocking=non_blocking),
-            cls_pos.to(self.device, non_blocking=non_blocking),
-            self.max_answer_len, self.k,
-        )
+        return search_spans(out.start_logits, out.end_logits, rules.to(self.device, non_blocking=non_blocking),
+                            self.max_answer_len, self.k)
 
-    def _run(self, inputs, ctx_start, ctx_len, cls_pos) -> ChunkSpans:
+    def _run(self, inputs: dict[str, torch.Tensor], rules: SpanRules) -> ChunkSpans:
+        """The spans of a batch; on out-of-memory, of its two halves, split again as needed."""
         try:
-            return self._forward(inputs, ctx_start, ctx_len, cls_pos)
+            return self._forward(inputs, rules)
         except torch.OutOfMemoryError:
-            n = ctx_start.shape[0]
-            if n == 1:
-                raise RuntimeFailure(
-                    "out of device memory for a single chunk: lower --max-seq-len or use a bigger device"
-                ) from None
-            with self._lock:
-                self.stats.oom_splits += 1
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            h = n // 2
-            halves = [
-                self._run({k: v[sl] for k, v in inputs.items()}, ctx_start[sl], ctx_len[sl], cls_pos[sl])
-                for sl in (slice(0, h), slice(h, n))
-            ]
-            return ChunkSpans(*(torch.cat(parts) for parts in zip(*(
-                (p.start, p.end, p.score, p.null_score, p.log_norm) for p in halves))))
+            pass  # leave the except block first: its traceback keeps the failed forward's tensors alive
+        n = rules.cls_pos.shape[0]
+        if n == 1:
+            raise RuntimeFailure("out of device memory for a single chunk: lower --max-seq-len or use a bigger device")
+        with self._lock:
+            self.stats.oom_splits += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the failed forward's blocks back before retrying
+        h = n // 2
+        return ChunkSpans.cat([self._run({k: v[sl] for k, v in inputs.items()}, rules[sl])
+                               for sl in (slice(0, h), slice(h, n))])
 
     @torch.inference_mode()
     def __call__(self, batch: HostBatch) -> ChunkSpans:
         """Spans for the batch, still on the device (copy them back when needed)."""
-        return self._run(batch.inputs, batch.ctx_start, batch.ctx_len, batch.cls_pos)
+        return self._run(batch.inputs, batch.rules)

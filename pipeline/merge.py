@@ -1,9 +1,12 @@
 """Merge stage: pick each row's answer (or top-k answers) from the spans of all its chunks.
 
-Confidence is a softmax over every valid span of every chunk of the row (plus the null
-candidate with --allow-null): exp(score - logsumexp(all candidate scores)). A span seen in
-two overlapping chunks is one answer (its best score), but counts in the normaliser once
-per chunk, which is what the chunks actually scored.
+The candidates of a row are its distinct passage spans, each scored once, by the chunk that
+owns it (the ownership rule in chunk.py: the chunk where the span has the most context);
+with --allow-null, the null answer is one more candidate, scored by the row's null score.
+The answer is the best candidate; with --top-k, the k best distinct character spans.
+Confidence is a softmax over all the row's candidates: exp(score - logsumexp(all candidate
+scores)). Since each candidate counts once, an answer's confidence does not depend on
+whether it sits inside a chunk overlap, and the confidences of a row sum to at most 1.
 """
 
 from __future__ import annotations
@@ -79,10 +82,12 @@ def merge_window(
     # Chunks of a row are consecutive: row r owns chunks [bounds[r], bounds[r + 1]).
     bounds = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(chunks.chunk_count, out=bounds[1:])
-    # Character offsets of every candidate, in one vectorized gather.
+    # Character offsets of every candidate, in one vectorized gather. Empty slots (-inf: the
+    # chunk has fewer valid spans than slots) hold no position: read token 0, never used.
+    found = np.isfinite(spans.score)
     base = chunks.token_base[chunks.row][:, None] if len(chunks) else np.zeros((0, 1), np.int64)
-    char_start = chunks.offsets[base + spans.token_start, 0] if len(chunks) else spans.token_start
-    char_end = chunks.offsets[base + spans.token_end, 1] if len(chunks) else spans.token_end
+    char_start = chunks.offsets[base + np.where(found, spans.token_start, 0), 0] if len(chunks) else spans.token_start
+    char_end = chunks.offsets[base + np.where(found, spans.token_end, 0), 1] if len(chunks) else spans.token_end
 
     out: list[RowAnswer] = []
     for r in range(n_rows):
@@ -108,17 +113,21 @@ def merge_window(
                 continue
             seen.add(key)
             s = float(scores[j])
-            top.append(Answer(passages[r][key[0] : key[1]], key[0], key[1], s,
-                              float(np.exp(s - log_norm))))
+            top.append(Answer(passages[r][key[0] : key[1]], key[0], key[1], s, _share(s, log_norm)))
         if not top:
             out.append(RowAnswer(None, None, None, null_score, int(b - a),
                                  "no valid answer span in the passage", []))
             continue
         best = top[0]
         if allow_null and null_score - best.score > null_threshold:
-            out.append(RowAnswer(None, null_score, float(np.exp(null_score - log_norm)), null_score,
+            out.append(RowAnswer(None, null_score, _share(null_score, log_norm), null_score,
                                  int(b - a), None, top if top_k > 1 else []))
         else:
             out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None,
                                  top if top_k > 1 else []))
     return out
+
+
+def _share(score: float, log_norm: float) -> float:
+    """A candidate's softmax share; at most 1 (float32 rounding could put it a hair above)."""
+    return float(min(1.0, np.exp(score - log_norm)))

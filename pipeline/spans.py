@@ -1,17 +1,41 @@
 """Decode stage: the best answer spans of every chunk of a batch, searched on the device.
 
-A valid span (s, e) has both ends among the chunk's passage tokens and s <= e < s + A,
-with A = max_answer_len. Its score is start_logits[s] + end_logits[e] (raw logits, so
-scores compare across chunks and passages). Rather than the full L x L matrix we build
-the L x A band: band[b, s, d] = start[b, s] + end[b, s + d], masked where invalid.
+A valid span (s, e) of a chunk has s <= e < s + A (A = max_answer_len), starts at a token
+that may start a span and ends at one that may end one (passage tokens only, canonical
+ends: chunk.py), and is owned by the chunk (the ownership rule in chunk.py: every distinct
+passage span is owned by exactly one chunk of its row). Its score is
+start_logits[s] + end_logits[e] (raw logits, so scores compare across chunks and passages).
+Rather than the full L x L matrix we build the L x A band:
+band[b, s, d] = start[b, s] + end[b, s + d], masked where invalid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class SpanRules:
+    """Which spans of each chunk of a batch are candidates; positions in the padded chunk."""
+
+    start_ok: torch.Tensor  # [B, L] bool: the token may start a span
+    end_ok: torch.Tensor  # [B, L] bool: the token may end a span
+    own_lo: torch.Tensor  # [B] the chunk's home: spans starting in [own_lo, own_hi) are its own,
+    own_hi: torch.Tensor  # [B]   as are spans starting before own_lo that end at or after prev_end
+    prev_end: torch.Tensor  # [B] first position past the previous chunk's passage tokens
+    cls_pos: torch.Tensor  # [B] position whose start + end logits give the null score
+
+    def to(self, device, non_blocking: bool = False) -> "SpanRules":
+        return SpanRules(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    def __getitem__(self, rows: slice) -> "SpanRules":
+        return SpanRules(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def pin_memory(self) -> "SpanRules":
+        return SpanRules(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
 
 @dataclass
@@ -22,36 +46,34 @@ class ChunkSpans:
     end: torch.Tensor  # [B, k] token position of its end (inclusive)
     score: torch.Tensor  # [B, k] float32; -inf where the chunk has fewer than k valid spans
     null_score: torch.Tensor  # [B] start + end logit at the CLS position
-    log_norm: torch.Tensor  # [B] logsumexp over every valid span of the chunk
+    log_norm: torch.Tensor  # [B] logsumexp over every valid span of the chunk (-inf: none)
 
     def to(self, device, non_blocking: bool = False) -> "ChunkSpans":
-        return ChunkSpans(*(t.to(device, non_blocking=non_blocking) for t in
-                            (self.start, self.end, self.score, self.null_score, self.log_norm)))
+        return ChunkSpans(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: list["ChunkSpans"]) -> "ChunkSpans":
+        return ChunkSpans(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(ChunkSpans)))
 
 
-def search_spans(
-    start_logits: torch.Tensor,
-    end_logits: torch.Tensor,
-    ctx_start: torch.Tensor,
-    ctx_len: torch.Tensor,
-    cls_pos: torch.Tensor,
-    max_answer_len: int,
-    k: int = 1,
-) -> ChunkSpans:
+def search_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, rules: SpanRules,
+                 max_answer_len: int, k: int = 1) -> ChunkSpans:
     """Exact best-k valid spans per chunk. Ties go to the smaller start, then the smaller end."""
     start_logits = start_logits.float()  # [B, L]
     end_logits = end_logits.float()
     B, L = start_logits.shape
     A = max(1, min(max_answer_len, L))
-    pos = torch.arange(L, device=start_logits.device)
-    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + ctx_len)[:, None])  # [B, L]
+    dev = start_logits.device
+    s = torch.arange(L, device=dev)[None, :, None]  # [1, L, 1] span start
+    e = s + torch.arange(A, device=dev)[None, None, :]  # [1, L, A] span end
 
-    # band[b, s, d] = start[b, s] + end[b, s + d]; both ends in the passage makes it valid,
-    # since the passage tokens of a chunk are contiguous.
+    # band[b, s, d] = start[b, s] + end[b, s + d]
     end_band = F.pad(end_logits, (0, A - 1), value=float("-inf")).unfold(1, A, 1)  # [B, L, A]
-    end_ok = F.pad(in_ctx, (0, A - 1), value=False).unfold(1, A, 1)  # [B, L, A]
-    band = start_logits[:, :, None] + end_band
-    band = band.masked_fill(~(in_ctx[:, :, None] & end_ok), float("-inf")).reshape(B, L * A)
+    end_ok = F.pad(rules.end_ok, (0, A - 1), value=False).unfold(1, A, 1)  # [B, L, A]
+    lo, hi, prev = (t[:, None, None] for t in (rules.own_lo, rules.own_hi, rules.prev_end))
+    owned = ((s >= lo) & (s < hi)) | ((s < lo) & (e >= prev))  # [B, L, A]
+    valid = rules.start_ok[:, :, None] & end_ok & owned
+    band = (start_logits[:, :, None] + end_band).masked_fill(~valid, float("-inf")).reshape(B, L * A)
 
     k = min(k, L * A)
     if k == 1:
@@ -61,6 +83,6 @@ def search_spans(
         score, flat = score[:, :k], flat[:, :k]
     span_start = flat // A
     span_end = span_start + flat % A
-    rows = torch.arange(B, device=start_logits.device)
-    null_score = start_logits[rows, cls_pos] + end_logits[rows, cls_pos]
+    rows = torch.arange(B, device=dev)
+    null_score = start_logits[rows, rules.cls_pos] + end_logits[rows, rules.cls_pos]
     return ChunkSpans(span_start, span_end, score, null_score, torch.logsumexp(band, dim=1))

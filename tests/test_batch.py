@@ -48,11 +48,11 @@ def test_padding_side_changes_no_span(bert_tokenizer, pad_left):
     start, end = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
     # logits tied to token ids, so both paddings must choose the same tokens
     start, end = start[0][ids % start.shape[1]], end[0][ids % end.shape[1]]
-    out = search_spans(start, end, hb.ctx_start, hb.ctx_len, hb.cls_pos, 30)
+    out = search_spans(start, end, hb.rules, 30)
     for b, c in enumerate(index):
         s = int(out.start[b, 0]) - int(hb.ctx_start[b])
         assert 0 <= s < cs.ctx_len[c]
-        assert ids[b, int(hb.cls_pos[b])] == bert_tokenizer.cls_token_id
+        assert ids[b, int(hb.rules.cls_pos[b])] == bert_tokenizer.cls_token_id
         mask = hb.inputs.get("attention_mask", torch.ones_like(ids))[b]
         assert int(mask.sum()) == cs.lengths[c]
         assert ids[b][mask.bool()].tolist() == cs.chunk_ids(c)[0].tolist()

@@ -119,6 +119,26 @@ def test_options_limit_keep_columns_top_k_and_row_numbers(tmp_path, bert_dir):
         assert (row["answer_start"], row["answer_end"]) == spans[0]
 
 
+@pytest.mark.parametrize("options", [["--top-k", "2"], ["--top-k", "5", "--rows-per-window", "1"],
+                                     ["--top-k", "3", "--allow-null"]])
+def test_top_k_on_passages_with_fewer_spans_than_k(tmp_path, bert_dir, options):
+    """Regression: chunks with fewer valid spans than kept slots crashed the merge (IndexError)."""
+    passages = ["Paris.", "The capital of France is Paris, a city on the Seine."]
+    questions = ["Which city is the capital of the country that lies between Spain and Germany?",
+                 "What is the capital of France?"]
+    path = write_parquet(tmp_path / "in.parquet", {"passage": passages, "question": questions})
+    out = tmp_path / "out.parquet"
+    r = run_cli("run", path, "-o", out, "--model", bert_dir, "-q", *options)
+    assert r.returncode == 0, r.stderr
+    rows = pq.read_table(out).to_pylist()
+    k = int(options[1])
+    assert len(rows[0]["answers"]) == min(k, 3)  # "Paris." is two tokens: three spans
+    for passage, row in zip(passages, rows):
+        assert 1 <= len(row["answers"]) <= k
+        for a in row["answers"]:
+            assert passage[a["start"]:a["end"]] == a["text"] and 0 <= a["confidence"] <= 1
+
+
 def test_rows_without_text_get_an_error_and_the_run_goes_on(tmp_path, bert_dir):
     path = write_parquet(tmp_path / "in.parquet", {
         "id": [10, 11, 12, 13, 14],

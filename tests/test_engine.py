@@ -165,3 +165,35 @@ def test_rows_stay_in_input_order_across_windows(tmp_path, bert_tokenizer):
 ])
 def test_the_bottleneck_is_the_stage_that_set_the_pace(stages, expected):
     assert bottleneck(stages) == expected
+
+
+def test_confidence_does_not_depend_on_whether_the_answer_sits_in_an_overlap(tmp_path, bert_tokenizer):
+    """Each distinct span counts once in the softmax, however many chunks see it."""
+    q = "who raided?"
+    n = 600
+    text, _ = passage_with_answer_at(bert_tokenizer, n, 0)
+    cs = Chunker(bert_tokenizer, 128, 32)([text], [q])
+    budget = 128 - 3 - len(bert_tokenizer(q, add_special_tokens=False)["input_ids"])
+    w = chunk_windows(len(cs.offsets), budget, 32)
+    assert w[1][0] + 5 < w[0][1]  # 5 tokens into chunk 1 lie inside chunk 0 too
+    in_overlap = len(text[:cs.offsets[w[1][0] + 5, 0]].split())
+    outside = len(text[:cs.offsets[w[1][0] + 60, 0]].split())  # chunk 1 only
+    confidences = {}
+    for where, word in (("overlap", in_overlap), ("outside", outside)):
+        passage, start = passage_with_answer_at(bert_tokenizer, n, word)
+        rows, _, _ = answer(tmp_path, bert_tokenizer, [passage], [q], max_seq_len=128, doc_stride=32)
+        assert rows[0]["answer_start"] == start
+        confidences[where] = rows[0]["confidence"]
+    assert confidences["outside"] > 0.9  # dominant: 20 against ~thousands of spans at 0
+    assert abs(confidences["overlap"] - confidences["outside"]) <= 0.01
+
+
+def test_top_k_confidences_and_null_sum_to_at_most_one(tmp_path, bert_tokenizer):
+    text, _ = passage_with_answer_at(bert_tokenizer, 300, 40)
+    loaded = planted(bert_tokenizer, cls_logit=9.0)
+    rows, _, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"], loaded=loaded, allow_null=True, top_k=5,
+                        max_seq_len=64, doc_stride=24)
+    row = rows[0]
+    null_share = np.exp(row["null_score"] - row["score"]) * row["confidence"]
+    assert len(row["answers"]) == 5
+    assert 0.9 < sum(a["confidence"] for a in row["answers"]) + null_share <= 1.0 + 1e-6

@@ -1,4 +1,4 @@
-"""Span search against a brute-force search on random logits, with masks and ties."""
+"""Span search against a brute-force search on random logits, with masks, ownership and ties."""
 
 from __future__ import annotations
 
@@ -8,15 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.spans import search_spans
+from pipeline.spans import SpanRules, search_spans
 
 
-def brute_force(start, end, ctx_start, ctx_len, max_answer_len):
-    """Every valid (s, e) with its score, best first; ties by smaller s, then smaller e."""
+def passage_rules(ctx_start, ctx_len, L, cls_pos=None) -> SpanRules:
+    """A chunk that owns every span of its passage positions [ctx_start, ctx_start + ctx_len)."""
+    pos = torch.arange(L)[None, :]
+    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + ctx_len)[:, None])
+    return SpanRules(in_ctx, in_ctx.clone(), ctx_start, ctx_start + ctx_len, torch.zeros_like(ctx_start),
+                     torch.zeros_like(ctx_start) if cls_pos is None else cls_pos)
+
+
+def brute_force(start, end, rules: SpanRules, b: int, max_answer_len: int):
+    """Every valid (s, e) of chunk b with its float32 score, best first; ties by smaller s, then e."""
+    lo, hi, prev = int(rules.own_lo[b]), int(rules.own_hi[b]), int(rules.prev_end[b])
     spans = []
-    for s in range(ctx_start, ctx_start + ctx_len):
-        for e in range(s, min(s + max_answer_len, ctx_start + ctx_len)):
-            spans.append((-(start[s] + end[e]), s, e))
+    for s in range(len(start)):
+        for e in range(s, min(s + max_answer_len, len(start))):
+            owned = lo <= s < hi or (s < lo and e >= prev)
+            if rules.start_ok[b, s] and rules.end_ok[b, e] and owned:
+                score = float(np.float32(start[s]) + np.float32(end[e]))
+                spans.append((-score, s, e))
     spans.sort()
     return [(s, e, -neg) for neg, s, e in spans]
 
@@ -25,7 +37,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("k", [1, 3])
 def test_matches_brute_force(seed, k, device):
     g = torch.Generator().manual_seed(seed)
@@ -40,11 +52,17 @@ def test_matches_brute_force(seed, k, device):
     ctx_len = torch.minimum(torch.randint(0, 25, (B,), generator=g), L - ctx_start)
     ctx_len[0] = 0  # a chunk without passage tokens
     ctx_len[1] = 1
-    cls_pos = torch.zeros(B, dtype=torch.long)
+    rules = passage_rules(ctx_start, ctx_len, L)
+    if seed >= 4:  # holes in the start/end masks and a home narrower than the passage
+        rules.start_ok &= torch.rand(B, L, generator=g) > 0.3
+        rules.end_ok &= torch.rand(B, L, generator=g) > 0.3
+        rules.own_lo = ctx_start + torch.randint(0, 5, (B,), generator=g)
+        rules.own_hi = rules.own_lo + torch.randint(0, 15, (B,), generator=g)
+        rules.prev_end = ctx_start + torch.randint(0, 12, (B,), generator=g)
     A = [1, 4, 30][seed % 3]
-    out = search_spans(*(t.to(device) for t in (start, end, ctx_start, ctx_len, cls_pos)), A, k).to("cpu")
+    out = search_spans(start.to(device), end.to(device), rules.to(device), A, k).to("cpu")
     for b in range(B):
-        ref = brute_force(start[b].tolist(), end[b].tolist(), int(ctx_start[b]), int(ctx_len[b]), A)
+        ref = brute_force(start[b].tolist(), end[b].tolist(), rules, b, A)
         mine = [(int(s), int(e), float(v)) for s, e, v in zip(out.start[b], out.end[b], out.score[b])
                 if math.isfinite(float(v))]
         assert mine == [(s, e, pytest.approx(v)) for s, e, v in ref[:k]]
@@ -56,7 +74,7 @@ def test_matches_brute_force(seed, k, device):
 def test_half_precision_logits_are_searched_in_float32():
     start = torch.tensor([[0.0, 1.0, 2.0, 0.5]], dtype=torch.float16)
     end = torch.tensor([[0.0, 0.5, 1.0, 3.0]], dtype=torch.float16)
-    out = search_spans(start, end, torch.tensor([1]), torch.tensor([3]), torch.tensor([0]), 30)
+    out = search_spans(start, end, passage_rules(torch.tensor([1]), torch.tensor([3]), 4), 30)
     assert out.score.dtype == torch.float32
     assert (int(out.start[0, 0]), int(out.end[0, 0])) == (2, 3)
     assert float(out.score[0, 0]) == 5.0
@@ -65,6 +83,17 @@ def test_half_precision_logits_are_searched_in_float32():
 def test_max_answer_len_limits_the_span():
     start = torch.tensor([[0.0, 9.0, 0.0, 0.0, 0.0, 0.0]])
     end = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 9.0]])
-    out = search_spans(start, end, torch.tensor([1]), torch.tensor([5]), torch.tensor([0]), 3)
+    out = search_spans(start, end, passage_rules(torch.tensor([1]), torch.tensor([5]), 6), 3)
     assert int(out.end[0, 0]) - int(out.start[0, 0]) < 3
     np.testing.assert_allclose(float(out.score[0, 0]), 9.0)
+
+
+def test_a_span_starting_before_the_home_belongs_here_only_past_the_previous_chunk():
+    # positions 1..8 are passage; home [4, 9); the previous chunk's passage ends before position 6
+    start = torch.tensor([[0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    end = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 4.0, 0.0, 0.0]])
+    rules = passage_rules(torch.tensor([1]), torch.tensor([8]), 9)
+    rules.own_lo, rules.own_hi, rules.prev_end = torch.tensor([4]), torch.tensor([9]), torch.tensor([6])
+    out = search_spans(start, end, rules, 30)
+    # (2, 3) scores 14 but lies whole in the previous chunk: (2, 6) at 13 is this chunk's best
+    assert (int(out.start[0, 0]), int(out.end[0, 0])) == (2, 6)
