@@ -56,7 +56,7 @@ def _row(title: str, passage: str, q: dict, scope: str) -> dict:
         "scope": scope,
         "passage": passage,
         "question": q["question"],
-        "gold_answers": sorted({a["text"] for a in q["answers"]}),
+        "answers": sorted({a["text"] for a in q["answers"]}),
         "is_impossible": q["is_impossible"],
     }
 
@@ -67,7 +67,7 @@ def main(source: str = DEFAULT_SOURCE, out: str = os.path.join(HERE, "sample.par
     rows = [r for article in squad["data"] for r in rows_for(article)]
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("id", pa.string()), ("title", pa.string()), ("scope", pa.string()), ("passage", pa.string()),
-        ("question", pa.string()), ("gold_answers", pa.list_(pa.string())), ("is_impossible", pa.bool_()),
+        ("question", pa.string()), ("answers", pa.list_(pa.string())), ("is_impossible", pa.bool_()),
     ]))
     pq.write_table(table, out, compression="zstd")
     print(f"wrote {out}: {table.num_rows} rows")

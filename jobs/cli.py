@@ -274,9 +274,10 @@ def convert(
 @app.command("eval")
 def eval_command(
     answers: str = typer.Argument(..., help="qa-batch output (answers.parquet)."),
-    gold: str = typer.Argument(..., help="Table with the id column and 'answers' (list of gold strings; "
-                               "empty for unanswerable), e.g. from qa-batch convert."),
+    gold: str = typer.Argument(..., help="Table with the id column and the gold answers (a list of strings; "
+                               "empty for unanswerable), e.g. from qa-batch convert, or data/sample.parquet."),
     id_col: str = typer.Option("id", help="Column that matches rows of the two tables."),
+    gold_col: str = typer.Option("answers", help="Column of GOLD holding the gold answers."),
     json_path: Optional[str] = typer.Option(None, "--json", show_default=False, help="Also write the figures as JSON."),
     plot_path: Optional[str] = typer.Option(None, "--plot", show_default=False,
         help="Draw F1/EM against the null threshold and a reliability diagram to this PNG (needs matplotlib)."),
@@ -288,7 +289,7 @@ def eval_command(
     from pipeline.evaluate import evaluate, plot
 
     with _errors_exit():
-        report = evaluate(answers, gold, id_col)
+        report = evaluate(answers, gold, id_col, gold_col)
         if plot_path:
             plot(report, plot_path)
     r = report

@@ -12,6 +12,7 @@ import polars as pl
 
 from . import storage
 from .errors import UsageError
+from .wording import plural
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
@@ -83,20 +84,26 @@ def threshold_curve(margins: list[float], gains: list[float], base: float) -> li
     return curve
 
 
-def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalReport:
+def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: str = "answers") -> EvalReport:
     try:
         answers = pl.from_arrow(storage.read_table(answers_path))
         gold = pl.from_arrow(storage.read_table(gold_path))
     except Exception as e:  # polars raises several kinds for unreadable files
         raise UsageError(f"cannot read the tables: {e}") from None
-    for name, table, cols in (("answers", answers, [id_col, "answer"]), ("gold", gold, [id_col, "answers"])):
+    for name, table, cols in (("answers", answers, [id_col, "answer"]), ("gold", gold, [id_col, gold_col])):
         missing = [c for c in cols if c not in table.columns]
         if missing:
+            hints = {id_col: "; name the id column with --id-col",
+                     gold_col: "; name the gold answers' column with --gold-col"} if name == "gold" else {}
+            hint = hints.get(missing[0], "")
             raise UsageError(f"{answers_path if name == 'answers' else gold_path}: column {missing[0]!r} is missing "
-                             f"(columns found: {', '.join(table.columns)})")
+                             f"(columns found: {', '.join(table.columns)}){hint}")
+    if not isinstance(gold.schema[gold_col], pl.List):
+        raise UsageError(f"{gold_path}: column {gold_col!r} is {gold.schema[gold_col]}, not a list of gold answer "
+                         "strings (empty for an unanswerable question)")
     keep = [id_col, "answer"] + [c for c in ("score", "null_score", "confidence", "answers") if c in answers.columns]
     answers = answers.select(keep).rename({"answers": "top"} if "answers" in keep else {})
-    gold = gold.select([id_col, pl.col("answers").alias("gold")])
+    gold = gold.select([id_col, pl.col(gold_col).alias("gold")])
     joined = gold.join(answers, on=id_col, how="inner")
     missing_in_answers = gold.join(answers, on=id_col, how="anti").height
     missing_in_gold = answers.join(gold, on=id_col, how="anti").height
@@ -140,9 +147,10 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id") -> EvalRepor
     if not all(has):  # SQuAD 2.0-style: find the null threshold
         usable = [m is not None for m in margins]
         if not all(usable):
-            rep.threshold_note = (f"{usable.count(False)} rows lack a best span or null score (null answers "
-                                  "written without --top-k): run without --allow-null, or with --top-k 2, "
-                                  "to search the threshold over every row")
+            lacking = usable.count(False)
+            rep.threshold_note = (f"{plural(lacking, 'row')} {'lacks' if lacking == 1 else 'lack'} a best span "
+                                  "or null score (null answers written without --top-k): run without "
+                                  "--allow-null, or with --top-k 2, to search the threshold over every row")
         idx = [i for i, u in enumerate(usable) if u]
         base = sum(not has[i] for i in idx)  # every row null: unanswerable rows right
         for metric, values in (("exact", span_em), ("f1", span_f1)):

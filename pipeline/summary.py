@@ -7,6 +7,7 @@ import polars as pl
 
 from . import storage
 from .errors import UsageError
+from .wording import plural
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -19,6 +20,8 @@ def summarize(path: str, by: str | None = None, top: int = 20) -> dict:
     for col in ("answer", "error", "confidence"):
         if col not in df.columns:
             raise UsageError(f"{path}: column {col!r} is missing: is this a qa-batch output?")
+    if top < 1:
+        raise UsageError(f"--top {top}: must be at least 1")
     if by is not None and by not in df.columns:
         raise UsageError(f"--by {by!r}: no such column; columns found: {', '.join(df.columns)}")
     df = df.with_columns(
@@ -65,7 +68,9 @@ def render(s: dict) -> str:
     for label, n in s["confidence_histogram"].items():
         lines.append(f"  {label} {'#' * round(30 * n / peak):<30} {n}")
     if "groups" in s:
-        lines.append(f"by {s['by']} ({s['group_count']} groups, rarely answered first):")
+        n, shown = s["group_count"], len(s["groups"])
+        cut = f"; the first {shown} shown, --top {n} shows all" if shown < n else ""
+        lines.append(f"by {s['by']} ({plural(n, 'group')}, rarely answered first{cut}):")
         lines.append(f"  {'answered':>8} {'rows':>6} {'conf':>6}  {s['by']}")
         for g in s["groups"]:
             conf = f"{g['mean_confidence']:.3f}" if g["mean_confidence"] is not None else "-"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import tomllib
 
@@ -145,6 +147,42 @@ def test_best_null_threshold_from_null_margins(tmp_path, gold):
     assert "best EM 80.00 at --null-threshold -1.000" in r.stdout
     assert json.loads((tmp_path / "e.json").read_text())["best_f1_threshold"] == pytest.approx(-1.0)
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gold_column_by_name(tmp_path, gold):
+    g = pq.read_table(gold)
+    renamed = tmp_path / "renamed.parquet"
+    pq.write_table(g.rename_columns(["gold" if c == "answers" else c for c in g.column_names]), renamed)
+    path = answers_table(tmp_path / "a.parquet", {r["id"]: (r["answers"][0] if r["answers"] else None)
+                                                  for r in g.to_pylist()})
+    r = run_cli("eval", path, renamed, "--gold-col", "gold")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^all +5 +100\.00 +100\.00$", r.stdout, re.M), r.stdout
+    r = run_cli("eval", path, renamed)  # the default, 'answers', is not there
+    assert r.returncode == 2
+    assert "column 'answers' is missing" in r.stderr and "--gold-col" in r.stderr
+    r = run_cli("eval", path, renamed, "--gold-col", "question")  # text, not a list of answers
+    assert r.returncode == 2 and "'question' is String, not a list of gold answer strings" in r.stderr
+
+
+def test_the_quick_tour_on_the_sample(tmp_path, bert_dir):
+    """README's quick tour as shipped: run the sample, evaluate it against its own gold answers, summary by question."""
+    sample = shutil.copy(SAMPLE, tmp_path / "sample.parquet")
+    r = run_cli("run", sample, "--model", bert_dir)
+    assert r.returncode == 0, r.stderr
+    answers = tmp_path / "sample.answers.parquet"
+    r = run_cli("eval", answers, sample)
+    assert r.returncode == 0, r.stderr
+    assert "rows evaluated 45 (missing from answers: 0, missing from gold: 0)" in r.stdout
+    assert re.search(r"^has answer +29 ", r.stdout, re.M) and re.search(r"^no answer +16 ", r.stdout, re.M)
+    assert "best F1" in r.stdout  # SQuAD 2.0-style: the null threshold is searched
+    r = run_cli("summary", answers, "--by", "question")
+    assert r.returncode == 0, r.stderr
+    assert "by question (43 groups, rarely answered first; the first 20 shown, --top 43 shows all):" in r.stdout
+    assert len(r.stdout.split("rarely answered first")[1].splitlines()) == 1 + 1 + 20  # header, columns, groups
+    r = run_cli("summary", answers, "--by", "question", "--top", "45")
+    assert r.returncode == 0, r.stderr
+    assert "by question (43 groups, rarely answered first):" in r.stdout  # two questions are asked twice
 
 
 def test_summary_counts_and_rarely_answered_questions_first(tmp_path):
