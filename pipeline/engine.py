@@ -156,13 +156,13 @@ class Stages:
     predictor: Predictor
     batch_size: int
     max_batch_tokens: int
-    chunk_k: int  # spans kept per chunk: top_k (each distinct span is owned by one chunk only)
+    chunk_k: int  # spans kept per chunk: top_k, at least 2 for the runner-up (each span has one owner chunk)
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
-        chunk_k = config.top_k
+        chunk_k = max(config.top_k, 2)
         return cls(
             config=config, loaded=loaded,
             chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,

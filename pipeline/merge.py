@@ -67,6 +67,10 @@ class RowAnswer:
     chunks: int
     error: str | None
     top: list[Answer]  # best distinct spans, best first (only filled for top_k > 1)
+    # What a calibration reads (calibrate.py), also for null answers:
+    span_score: float | None = None  # the best span's logit sum, chosen or not
+    runner_up_score: float | None = None  # the best distinct span after it (None: there is none)
+    log_norm: float | None = None  # logsumexp of every candidate span's score (the null candidate excluded)
 
 
 def merge_window(
@@ -96,17 +100,17 @@ def merge_window(
             out.append(RowAnswer(None, None, None, None, int(b - a), chunks.errors[r], []))
             continue
         null_score = float(spans.null_score[a:b].min())
-        log_norm = float(np.logaddexp.reduce(spans.log_norm[a:b].astype(np.float64)))
-        if allow_null:
-            log_norm = float(np.logaddexp(log_norm, null_score))
+        span_log_norm = float(np.logaddexp.reduce(spans.log_norm[a:b].astype(np.float64)))
+        log_norm = float(np.logaddexp(span_log_norm, null_score)) if allow_null else span_log_norm
 
         scores = spans.score[a:b].ravel()
         order = np.argsort(-scores, kind="stable")  # ties: earlier chunk, then better rank
         cs, ce = char_start[a:b].ravel(), char_end[a:b].ravel()
         top: list[Answer] = []
         seen: set[tuple[int, int]] = set()
+        wanted = max(top_k, 2)  # the runner-up is always found: calibration reads its score
         for j in order:
-            if len(top) == top_k or not np.isfinite(scores[j]):
+            if len(top) == wanted or not np.isfinite(scores[j]):
                 break
             key = (int(cs[j]), int(ce[j]))
             if key in seen:  # the same text span from an overlapping chunk
@@ -119,12 +123,14 @@ def merge_window(
                                  "no valid answer span in the passage", []))
             continue
         best = top[0]
+        found = dict(span_score=best.score, runner_up_score=top[1].score if len(top) > 1 else None,
+                     log_norm=span_log_norm)
+        top = top[:top_k] if top_k > 1 else []
         if allow_null and null_score - best.score > null_threshold:
             out.append(RowAnswer(None, null_score, _share(null_score, log_norm), null_score,
-                                 int(b - a), None, top if top_k > 1 else []))
+                                 int(b - a), None, top, **found))
         else:
-            out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None,
-                                 top if top_k > 1 else []))
+            out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None, top, **found))
     return out
 
 

@@ -76,8 +76,11 @@ def search_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, rules: Sp
     band = (start_logits[:, :, None] + end_band).masked_fill(~valid, float("-inf")).reshape(B, L * A)
 
     k = min(k, L * A)
-    if k == 1:
+    if k <= 2:  # one or two max passes, cheaper than a sort; ties as the sort's (first index)
         score, flat = band.max(dim=1, keepdim=True)  # first index among equal maxima
+        if k == 2:
+            second, flat2 = band.scatter(1, flat, float("-inf")).max(dim=1, keepdim=True)
+            score, flat = torch.cat([score, second], 1), torch.cat([flat, flat2], 1)
     else:
         score, flat = band.sort(dim=1, descending=True, stable=True)  # deterministic ties
         score, flat = score[:, :k], flat[:, :k]

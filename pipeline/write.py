@@ -36,6 +36,8 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
         pa.field("score", pa.float32()),
         pa.field("confidence", pa.float32()),
         pa.field("null_score", pa.float32()),
+        pa.field("runner_up_score", pa.float32()),
+        pa.field("log_norm", pa.float32()),
         pa.field("chunks", pa.int32()),
         pa.field("error", pa.string()),
     ]
@@ -65,6 +67,8 @@ def answers_table(schema: pa.Schema, rows: RowBatch, answers: list[RowAnswer], t
     cols["score"] = pa.array([a.score for a in answers], pa.float32())
     cols["confidence"] = pa.array([a.confidence for a in answers], pa.float32())
     cols["null_score"] = pa.array([a.null_score for a in answers], pa.float32())
+    cols["runner_up_score"] = pa.array([a.runner_up_score for a in answers], pa.float32())
+    cols["log_norm"] = pa.array([a.log_norm for a in answers], pa.float32())
     cols["chunks"] = pa.array([a.chunks for a in answers], pa.int32())
     cols["error"] = pa.array([a.error for a in answers], pa.string())
     if top_k > 1:

@@ -40,7 +40,7 @@ def test_sample_job(tmp_path, sample, bert_dir):
     table = pq.read_table(out)
     src = pq.read_table(sample)
     assert table.column_names == ["id", "question", "answer", "answer_start", "answer_end", "score",
-                                  "confidence", "null_score", "chunks", "error"]
+                                  "confidence", "null_score", "runner_up_score", "log_norm", "chunks", "error"]
     assert table.schema.field("answer_start").type == pa.int64()
     assert table.schema.field("score").type == pa.float32()
     assert table.schema.field("chunks").type == pa.int32()
@@ -277,4 +277,4 @@ def test_zero_row_table_gives_an_empty_output_with_the_full_schema(tmp_path, ber
     t = pq.read_table(tmp_path / "out.parquet")
     assert t.num_rows == 0
     assert t.column_names == ["id", "question", "answer", "answer_start", "answer_end", "score", "confidence",
-                              "null_score", "chunks", "error", "answers"]
+                              "null_score", "runner_up_score", "log_norm", "chunks", "error", "answers"]

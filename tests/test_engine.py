@@ -132,6 +132,22 @@ def test_confidence_is_a_softmax_over_all_spans(tmp_path, bert_tokenizer):
     assert rows[0]["confidence"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_runner_up_and_log_norm_are_kept_for_null_answers_too(tmp_path, bert_tokenizer):
+    """What a calibration reads: the best distinct runner-up span and the spans' normaliser."""
+    text = "alpha omega"  # spans: alpha..omega (20), alpha (10), omega (10)
+    loaded = planted(bert_tokenizer, cls_logit=15.0)  # null score 30
+    for allow_null in (False, True):
+        rows, _, _ = answer(tmp_path, bert_tokenizer, [text], ["q?"], loaded=loaded, allow_null=allow_null)
+        row = rows[0]
+        assert (row["answer"] is None) == allow_null
+        assert row["runner_up_score"] == pytest.approx(10.0)
+        assert row["log_norm"] == pytest.approx(np.log(np.exp(20) + 2 * np.exp(10)), rel=1e-6)
+        norm = np.logaddexp(row["log_norm"], 30.0) if allow_null else row["log_norm"]
+        assert row["confidence"] == pytest.approx(np.exp(row["score"] - norm), rel=1e-5)
+    rows, _, _ = answer(tmp_path, bert_tokenizer, ["omega"], ["q?"])  # one candidate span only
+    assert rows[0]["runner_up_score"] is None and rows[0]["log_norm"] == pytest.approx(10.0)
+
+
 def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, bert_tokenizer):
     texts = [passage_with_answer_at(bert_tokenizer, 400, i * 7)[0] for i in range(12)]
     loaded = planted(bert_tokenizer, oom_above=3)
