@@ -18,6 +18,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, QaBatchError
+from pipeline.wording import plural
 
 # Help texts and docstrings are rich markup: a literal [ is written \\[ ([ray] would be taken for a
 # tag and vanish), and each paragraph after a docstring's first is one line (rich keeps line breaks).
@@ -165,7 +166,7 @@ def run(
             raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="--engine")
     except Interrupted as e:
         code = _exit_code(received[0] if received else signal.SIGINT)
-        log.say("interrupted", f"interrupted after {e.rows_done} rows; finished parts are in {e.work_dir}: "
+        log.say("interrupted", f"interrupted after {plural(e.rows_done, 'row')}; finished parts are in {e.work_dir}: "
                 f"{resume_hint}", level="error", rows_done=e.rows_done, work_dir=e.work_dir, exit_code=code)
         raise typer.Exit(code)
     except QaBatchError as e:
@@ -175,8 +176,9 @@ def run(
         log.say("interrupted", f"interrupted; {resume_hint}", level="error", exit_code=EXIT_INTERRUPTED)
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.resumed_from_row:
-        log.say("resumed", f"resumed an interrupted run: {summary.resumed_from_row} rows were answered before, "
-                f"{summary.rows_this_run} now",
+        before = summary.resumed_from_row
+        log.say("resumed", f"resumed an interrupted run: {plural(before, 'row')} {'was' if before == 1 else 'were'} "
+                f"answered before, {summary.rows_this_run} now",
                 resumed_from_row=summary.resumed_from_row)
     log.say("run_finished", summary.line().removeprefix("qa-batch: "), **summary.as_dict())
 
@@ -268,7 +270,7 @@ def convert(
 
     with _errors_exit():
         n = do_convert(squad_json, output, join_article)
-    typer.echo(f"qa-batch: wrote {n} questions to {output}", err=True)
+    typer.echo(f"qa-batch: wrote {plural(n, 'question')} to {output}", err=True)
 
 
 @app.command("eval")

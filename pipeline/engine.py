@@ -35,6 +35,7 @@ from .merge import RowAnswer, WindowSpans, merge_window
 from .model import LoadedModel, load_model
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
 from .resume import WorkDir, input_fingerprint, work_dir_for
+from .wording import plural
 from .write import answers_table, output_schema, read_metadata
 
 CPU_BATCH_SIZE = 4  # per CPU worker: small batches stay in cache and win (BENCHMARKS.md)
@@ -58,6 +59,10 @@ class RunSummary:
     oom_splits: int = 0
     resumed_from_row: int = 0  # rows earlier, interrupted runs had answered (with gaps: not a row number)
     rows_this_run: int = 0  # rows answered by this run (the rest came from earlier parts)
+    chunks_this_run: int = 0  # and their chunks, answers, nulls and errors
+    answered_this_run: int = 0
+    null_this_run: int = 0
+    errors_this_run: int = 0
     peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
     model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row
     device: str = ""
@@ -68,14 +73,35 @@ class RunSummary:
     bottleneck: str = ""  # the stage that set the pace (see bottleneck())
 
     def line(self) -> str:
-        return (
-            f"qa-batch: {self.rows} rows ({self.answered} answered, {self.null} null, "
-            f"{self.errors} errors), {self.chunks} chunks in {self.elapsed_s:.1f} s: "
-            f"{self.rows_per_s:.1f} rows/s, {self.chunks_per_s:.1f} chunks/s -> {self.output}"
-        )
+        """This run's counts, time and rates, on which device; after a resume, the totals too."""
+        def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
+            return (f"{plural(rows, 'row')} ({answered} answered, {null} null, {plural(errors, 'error')}), "
+                    f"{plural(chunks, 'chunk')}")
+
+        this_run = counts(self.rows_this_run, self.answered_this_run, self.null_this_run, self.errors_this_run,
+                          self.chunks_this_run)
+        on = f" on {self.device}" if self.device else ""
+        text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
+                f"{self.rows_per_s:.1f} rows/s, {self.chunks_per_s:.1f} chunks/s")
+        if self.resumed_from_row:
+            text += (f"; with the {plural(self.resumed_from_row, 'row')} answered before, "
+                     f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
+        return f"{text} -> {self.output}"
+
+    def set_counts(self, total: dict, this_run: dict) -> None:
+        """The counts over every part of the output, and over the rows this run answered
+        (each a dict with rows, chunks, answered and errors)."""
+        self.rows, self.chunks, self.answered, self.errors = (total[k] for k in _COUNTS)
+        self.null = self.rows - self.answered - self.errors
+        self.rows_this_run, self.chunks_this_run, self.answered_this_run, self.errors_this_run = (
+            this_run[k] for k in _COUNTS)
+        self.null_this_run = self.rows_this_run - self.answered_this_run - self.errors_this_run
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_COUNTS = ("rows", "chunks", "answered", "errors")
 
 
 @dataclass
@@ -156,13 +182,13 @@ class Stages:
     predictor: Predictor
     batch_size: int
     max_batch_tokens: int
-    chunk_k: int  # spans kept per chunk: top_k, at least 2 for the runner-up (each span has one owner chunk)
+    chunk_k: int  # spans kept per chunk: top_k (each distinct span is owned by one chunk only)
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
-        chunk_k = max(config.top_k, 2)
+        chunk_k = config.top_k
         return cls(
             config=config, loaded=loaded,
             chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
@@ -248,21 +274,18 @@ class Job:
         }, c.restart)
         return self.parts.todo(self.total_rows, c.rows_per_window)
 
-    def finish(self, summary: RunSummary, metadata: dict, rows_this_run: int, chunks_this_run: int) -> RunSummary:
-        """Assemble the parts into the output; the summary counts every part, its rates this run's rows."""
+    def finish(self, summary: RunSummary, metadata: dict, this_run: Progress) -> RunSummary:
+        """Assemble the parts into the output; the summary counts every part and this run's rows,
+        its rates are this run's."""
         elapsed = time.perf_counter() - self.started
         summary.elapsed_s = round(elapsed, 3)
-        summary.rows_this_run = rows_this_run
-        summary.rows_per_s = round(rows_this_run / elapsed, 2) if elapsed else 0.0
-        summary.chunks_per_s = round(chunks_this_run / elapsed, 2) if elapsed else 0.0
+        summary.rows_per_s = round(this_run.rows / elapsed, 2) if elapsed else 0.0
+        summary.chunks_per_s = round(this_run.chunks / elapsed, 2) if elapsed else 0.0
         summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
 
         def final_metadata(counts: dict) -> bytes:
-            # counts cover every part, those of earlier interrupted runs too
-            summary.rows, summary.chunks = counts["rows"], counts["chunks"]
-            summary.answered, summary.errors = counts["answered"], counts["errors"]
-            summary.null = summary.rows - summary.answered - summary.errors
+            summary.set_counts(counts, this_run.as_dict())  # counts: every part, earlier runs' too
             return json.dumps({**metadata, "finished_at": summary.finished_at, "summary": summary.as_dict()}).encode()
 
         self.parts.assemble(self.output, self.schema, final_metadata)
@@ -469,7 +492,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(progress.stages.items())}
     summary.bottleneck = bottleneck(summary.stage_seconds)
-    return job.finish(summary, metadata, progress.rows, progress.chunks)
+    return job.finish(summary, metadata, progress)
 
 
 def devices_for(spec: str) -> tuple[str, ...]:

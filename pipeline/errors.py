@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .wording import plural
+
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad options, bad input, model not found
 EXIT_RUNTIME = 3  # the model or the device failed while running
@@ -35,6 +37,6 @@ class Interrupted(Exception):
     """The run stopped on request after keeping every finished window; rerun to resume."""
 
     def __init__(self, rows_done: int, work_dir: str):
-        super().__init__(f"stopped after {rows_done} rows")
+        super().__init__(f"stopped after {plural(rows_done, 'row')}")
         self.rows_done = rows_done
         self.work_dir = work_dir

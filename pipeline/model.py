@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import logging
 import os
 import socket
 import warnings
@@ -17,8 +16,6 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import RuntimeFailure, UsageError
-
-log = logging.getLogger("qa_batch")
 
 _MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,11 +45,11 @@ class LoadedModel:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' picks CUDA when present; an explicit CUDA device must exist."""
+    """'auto' picks CUDA when present, else the CPU (normal: the summary line names the device);
+    an explicit CUDA device must exist."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
-        log.warning("no CUDA device found (--device auto): running on the CPU")
         return torch.device("cpu")
     try:
         device = torch.device(spec)

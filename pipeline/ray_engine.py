@@ -114,9 +114,10 @@ def run_ray(config: RunConfig) -> RunSummary:
     storage.delete(output)  # --overwrite: yesterday's answers are replaced only now
     storage.move_tree(staging, output)
     elapsed = time.perf_counter() - started
-    return _reported(RunSummary(
-        output=output, rows=c["rows"], rows_this_run=c["rows"], chunks=c["chunks"], answered=c["answered"],
-        errors=c["errors"], null=c["rows"] - c["answered"] - c["errors"], elapsed_s=round(elapsed, 3),
+    summary = RunSummary(
+        output=output, elapsed_s=round(elapsed, 3),
         rows_per_s=round(c["rows"] / elapsed, 2), chunks_per_s=round(c["chunks"] / elapsed, 2),
         started_at=started_at, device="ray",
-        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")), config)
+        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    summary.set_counts(c, c)  # no resume: this run answered every row
+    return _reported(summary, config)

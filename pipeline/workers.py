@@ -157,7 +157,7 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     summary.peak_rss_mb = round(max(f.get("peak_rss_mb", 0.0) for f in finals.values()), 1)  # per process
     summary.stage_seconds = {k: round(v, 3) for k, v in sorted(progress.stages.items())}  # summed over workers
     summary.bottleneck = bottleneck(summary.stage_seconds)
-    return job.finish(summary, metadata, progress.rows, progress.chunks)
+    return job.finish(summary, metadata, progress)
 
 
 class _Workers:

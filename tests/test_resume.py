@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -158,3 +159,54 @@ def test_a_full_disk_fails_with_exit_3_and_keeps_the_previous_output(job, tmp_pa
     rerun = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True, env=env(), cwd=ROOT)
     assert rerun.returncode == 0, rerun.stderr
     assert pq.read_table(out).equals(job["reference"])
+
+
+SUMMARY = re.compile(
+    r"^qa-batch: (\d+) rows? \((\d+) answered, (\d+) null, (\d+) errors?\), (\d+) chunks? in ([\d.]+) s on (\S+): "
+    r"([\d.]+) rows/s, ([\d.]+) chunks/s(?:; with the (\d+) rows? answered before, (\d+) rows? \((\d+) answered, "
+    r"(\d+) null, (\d+) errors?\), (\d+) chunks? in all)? -> (.+)$", re.M)
+
+
+def test_the_summary_line_after_a_resume_gives_this_runs_counts_and_rates_and_the_totals(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(command(job, out), capture_output=True, text=True,
+                       env=env(QA_BATCH_CRASH_AT="part_written:3"), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+
+    report = tmp_path / "report.json"
+    r = subprocess.run(command(job, out, "--report", str(report)), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ref, rep = job["reference"], json.loads(report.read_text())
+    total_rows, total_chunks = ref.num_rows, sum(ref["chunks"].to_pylist())
+    before_rows = rep["resumed_from_row"]  # one process answers windows in order: the first rows
+    assert 0 < before_rows < total_rows
+    before_chunks = sum(ref["chunks"].to_pylist()[:before_rows])
+    assert (f"resumed an interrupted run: {before_rows} rows were answered before, {total_rows - before_rows} now"
+            in r.stderr)
+    lines = SUMMARY.findall(r.stderr)
+    assert len(lines) == 1, r.stderr
+    (rows, answered, null, errors, chunks, seconds, device, rows_per_s, chunks_per_s,
+     before, all_rows, all_answered, all_null, all_errors, all_chunks, output) = lines[0]
+    # this run: its own rows and chunks, over its own time
+    assert int(rows) == total_rows - before_rows and int(chunks) == total_chunks - before_chunks
+    assert int(answered) + int(null) + int(errors) == int(rows)
+    assert device == "cpu" and output == str(out)
+    assert float(seconds) == pytest.approx(rep["elapsed_s"], abs=0.05)
+    assert float(rows_per_s) == pytest.approx(int(rows) / rep["elapsed_s"], abs=0.05 + 0.01 * float(rows_per_s))
+    assert float(chunks_per_s) == pytest.approx(int(chunks) / rep["elapsed_s"], abs=0.05 + 0.01 * float(chunks_per_s))
+    # then the totals over both runs
+    assert int(before) == before_rows
+    assert (int(all_rows), int(all_chunks)) == (total_rows, total_chunks)
+    assert int(all_answered) == ref.num_rows - ref["answer"].null_count
+    assert int(all_errors) == ref.num_rows - ref["error"].null_count
+    assert int(all_answered) + int(all_null) + int(all_errors) == total_rows
+    assert (rep["rows"], rep["chunks"], rep["rows_this_run"], rep["chunks_this_run"]) == (
+        total_rows, total_chunks, int(rows), int(chunks))
+    assert rep["answered_this_run"] + rep["null_this_run"] + rep["errors_this_run"] == int(rows)
+
+    # an uninterrupted run's line has no totals part: this run is the whole
+    r = subprocess.run(command(job, tmp_path / "again.parquet"), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    (rows, *_, before, all_rows, _, _, _, _, _) = SUMMARY.findall(r.stderr)[0]
+    assert int(rows) == total_rows and before == all_rows == ""
+    assert "resumed" not in r.stderr and "CUDA" not in r.stderr
