@@ -97,6 +97,20 @@ def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def not_in_cache(model_id: str, local: str = "a local directory holding the checkpoint") -> UsageError:
+    """A hub model that is not in the local cache when only the cache can be used: the error
+    says which of the two is true here, HF_HUB_OFFLINE set or the hub unreachable."""
+    from huggingface_hub import constants
+
+    why = ("HF_HUB_OFFLINE is set, so nothing is downloaded" if _offline_env()
+           else "the Hugging Face hub cannot be reached")
+    fix = ("download it once with HF_HUB_OFFLINE unset and network access" if _offline_env()
+           else "download it once with network access and rerun with HF_HUB_OFFLINE=1 to use the cache")
+    return UsageError(
+        f"--model {model_id}: the model is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and {why}. Point --model at {local} (config.json, weights and tokenizer files), or {fix}.")
+
+
 def content_hash(directory: str) -> str:
     """sha256 over a local checkpoint's config and weights, so outputs name the exact model."""
     h = hashlib.sha256()
@@ -186,12 +200,7 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
         if local:
             raise UsageError(f"--model {model_id}: not a loadable question-answering checkpoint ({e})") from None
         if offline_only:
-            raise UsageError(
-                f"--model {model_id}: the Hugging Face hub cannot be reached and the model is not in "
-                "the local cache. Point --model at a local directory holding the checkpoint "
-                "(config.json, weights and tokenizer files), or download it once with network access "
-                "and rerun with HF_HUB_OFFLINE=1 to use the cache."
-            ) from None
+            raise not_in_cache(model_id) from None
         raise UsageError(f"--model {model_id}: could not load it from the hub ({e})") from None
 
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):

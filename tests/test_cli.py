@@ -234,13 +234,25 @@ def test_bad_options_exit_2(tmp_path, sample, bert_dir, args, expected):
     assert not (tmp_path / "out.parquet").exists()
 
 
-def test_unreachable_hub_fails_fast_with_the_offline_advice(tmp_path, sample):
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize("env,why,fix", [
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "and the Hugging Face hub cannot be reached",
+     "download it once with network access and rerun with HF_HUB_OFFLINE=1 to use the cache"),
+    ({"HF_HUB_OFFLINE": "1"}, "and HF_HUB_OFFLINE is set, so nothing is downloaded",
+     "download it once with HF_HUB_OFFLINE unset and network access"),
+], ids=["hub-unreachable", "HF_HUB_OFFLINE-set"])
+def test_a_hub_model_not_in_the_cache_fails_fast_saying_why(tmp_path, sample, env, why, fix):
+    """The advice fits the environment: with HF_HUB_OFFLINE=1 set, never 'set HF_HUB_OFFLINE=1'."""
+    env = {**env, "HF_HOME": str(tmp_path / "hf")}
     t0 = time.monotonic()
     r = run_cli("run", sample, "-o", tmp_path / "out.parquet", env=env)  # the default hub model
     assert r.returncode == 2, r.stderr
     assert time.monotonic() - t0 < 60
-    assert "--model" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
+    message = r.stderr.strip().splitlines()[-1]
+    assert message.startswith("qa-batch: error: --model google-bert/bert-large-uncased-whole-word-masking-finetuned-squad: "
+                              f"the model is not in the local Hugging Face cache ({tmp_path / 'hf' / 'hub'}) {why}. "
+                              "Point --model at a local directory holding the checkpoint"), message
+    assert message.endswith(f"or {fix}."), message
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # the error alone: no warning before it
     assert not (tmp_path / "out.parquet").exists()
 
 
