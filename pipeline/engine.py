@@ -34,7 +34,7 @@ from .infer import Predictor
 from .merge import RowAnswer, WindowSpans, merge_window
 from .model import LoadedModel, load_model
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
-from .resume import WorkDir, input_fingerprint, work_dir_for
+from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
 from .wording import plural
 from .write import answers_table, output_schema, read_metadata
 
@@ -251,10 +251,9 @@ class Job:
         return cls(config, plan, output, WorkDir(work_dir_for(output)), output_schema(plan, config.top_k),
                    total, started, started_at)
 
-    @property
-    def finished_earlier(self) -> bool:
-        """The last run wrote the output and died cleaning up: nothing is left to do."""
-        return self.parts.assembled and storage.exists(self.output) and not self.config.restart
+    def check_output(self) -> None:
+        """Before any model work: the output path is usable (an output this job wrote may stay)."""
+        check_output(self.output, self.plan, self.config.overwrite or self.parts.wrote(self.output))
 
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
         return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
@@ -262,17 +261,32 @@ class Job:
 
     def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
                    max_batch_tokens: int) -> list[tuple[int, int]]:
-        """Create or check the work directory; return the row ranges still to answer."""
+        """Create or check the work directory; return the row ranges still to answer.
+
+        None when this job's output is already in place (a run killed while cleaning up):
+        `already_done` then gives its summary."""
         c = self.config
-        self.parts.check_or_create({
+        opened = self.parts.open({
             "inputs": input_fingerprint(self.plan),
             "model": model,
             # what changes answers, batching included (it moves floating-point rounding)
             "options": {**c.answer_options(), "device": device_type, "dtype": dtype, "batch_size": batch_size,
                         "max_batch_tokens": max_batch_tokens, "rows_per_window": c.rows_per_window},
             "schema": self.schema.to_string(),
-        }, c.restart)
+        }, c.restart, self.output)
+        if opened is Opened.FINISHED:
+            return None
+        if opened is Opened.NEW and storage.exists(self.output) and not c.overwrite:
+            # leftovers of another, finished job were cleared: its output is not ours to replace
+            raise UsageError(f"output {self.output} exists: pass --overwrite to replace it, "
+                             "or choose another path with -o")
         return self.parts.todo(self.total_rows, c.rows_per_window)
+
+    def already_done(self) -> RunSummary:
+        """The summary stored in this job's output; the work directory's leftovers removed."""
+        self.parts.remove()
+        return _reported(RunSummary(**{**read_metadata(self.output)["summary"], "output": self.output}),
+                         self.config)
 
     def finish(self, summary: RunSummary, metadata: dict, this_run: Progress) -> RunSummary:
         """Assemble the parts into the output; the summary counts every part and this run's rows,
@@ -286,7 +300,8 @@ class Job:
 
         def final_metadata(counts: dict) -> bytes:
             summary.set_counts(counts, this_run.as_dict())  # counts: every part, earlier runs' too
-            return json.dumps({**metadata, "finished_at": summary.finished_at, "summary": summary.as_dict()}).encode()
+            return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
+                               "summary": summary.as_dict()}).encode()
 
         self.parts.assemble(self.output, self.schema, final_metadata)
         summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
@@ -453,10 +468,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     device (workers.py).
     """
     job = Job.plan_for(config)
-    if job.finished_earlier:
-        job.parts.remove()
-        return _reported(RunSummary(**{**read_metadata(job.output)["summary"], "output": job.output}), config)
-    check_output(job.output, job.plan, config.overwrite)
+    job.check_output()
     devices = config.devices or devices_for(config.device)
     if loaded is None and len(devices) > 1:
         from .workers import run_on_devices
@@ -472,6 +484,9 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     metadata = job.metadata(loaded.identity, str(loaded.device), loaded.dtype_name)
     todo = job.open_parts(loaded.identity, loaded.device.type, loaded.dtype_name, stages_.batch_size,
                           stages_.max_batch_tokens)
+    if todo is None:
+        stages_.predictor.close()
+        return job.already_done()
     done_before = job.total_rows - sum(end - start for start, end in todo)
     predictor = stages_.predictor
     progress = Progress(stages=collections.Counter(load_model=t_load))

@@ -1,10 +1,9 @@
 """Resumable output: finished windows become part files in a work directory beside the output.
 
     answers.parquet.partial/
-        manifest.json              inputs (path, size, mtime), model, answer-changing options
+        manifest.json              job id, inputs (path, size, mtime), model, answer-changing options
         part-000000000000.parquet  rows [0, n), each part written to a .tmp file and renamed
         part-000000001024.parquet  ...
-        assembled                  present once the output file is complete
 
 A run that dies leaves whole parts only, one per window of --rows-per-window rows.
 Rerunning the same command checks the manifest and answers only the windows no part
@@ -13,12 +12,20 @@ holds (several worker processes may have left gaps); windows keep the same bound
 uninterrupted run. At the end the parts are copied into one file that replaces the
 output in one move, and the work directory is removed. The output may be a local path
 or a URI (s3://...): everything here goes through storage.py.
+
+A finished job is recognised by its output, not by a marker: the output's metadata carries
+the job id of the manifest that produced it. A run killed after the move but before the
+work directory was gone finds its own output in place (same job: nothing left to do);
+a run of another job finds leftovers of a finished one (removed, then it starts afresh);
+an older output from another job never passes for this job's.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
+from enum import Enum
 from typing import Callable
 
 import pyarrow as pa
@@ -27,10 +34,9 @@ import pyarrow.parquet as pq
 from . import faults, storage
 from .errors import RuntimeFailure, UsageError
 from .read import InputPlan
-from .write import count_answers
+from .write import count_answers, read_metadata
 
 MANIFEST = "manifest.json"
-ASSEMBLED = "assembled"
 _PART = re.compile(r"^part-(\d{12})\.parquet$")
 
 
@@ -69,11 +75,20 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "the output schema differs"
 
 
+class Opened(Enum):
+    """What a run found in the work directory."""
+
+    NEW = "new"  # nothing of this job: every row is to answer
+    RESUMED = "resumed"  # parts of this job, interrupted: answer the rest
+    FINISHED = "finished"  # this job's output is already in place: only the clean-up was left
+
+
 class WorkDir:
     """The parts of one output, finished so far."""
 
     def __init__(self, path: str):
         self.path = path
+        self.job_id: str | None = None  # set once the work directory is opened
 
     def _file(self, name: str) -> str:
         return storage.join(self.path, name)
@@ -82,29 +97,49 @@ class WorkDir:
     def exists(self) -> bool:
         return storage.is_file(self._file(MANIFEST))
 
-    @property
-    def assembled(self) -> bool:
-        return storage.exists(self._file(ASSEMBLED))
+    def _manifest(self) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self._file(MANIFEST)))
+        except (OSError, ValueError):  # none, or one cut short by a crash: not a job to resume
+            return None
 
-    def check_or_create(self, manifest: dict, restart: bool) -> None:
-        """Start a new work directory, or accept the old one if it is for the same job."""
+    def wrote(self, output: str) -> bool:
+        """Is `output` the finished output of the job this work directory holds?"""
+        manifest = self._manifest()
+        if manifest is None or not storage.is_file(output):
+            return False
+        try:
+            return read_metadata(output).get("job_id") == manifest.get("job_id")
+        except (OSError, ValueError, KeyError):  # not a qa-batch output: not ours
+            return False
+
+    def open(self, manifest: dict, restart: bool, output: str) -> Opened:
+        """Start a new work directory, or take over the old one if it holds the same job."""
         manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
-        if restart:
-            storage.delete(self.path)
-        if self.exists:
-            old = json.loads(storage.read_bytes(self._file(MANIFEST)))
-            if old != manifest:
+        old = None if restart else self._manifest()
+        if old is not None:
+            same = {k: v for k, v in old.items() if k != "job_id"} == manifest
+            if same and self.wrote(output):
+                self.job_id = old["job_id"]
+                return Opened.FINISHED
+            if same:
+                self.job_id = old["job_id"]
+                for name in self._names():  # a part whose move never happened
+                    if name.endswith(".tmp"):
+                        storage.delete_file(self._file(name))
+                return Opened.RESUMED
+            if not self.wrote(output):
                 raise UsageError(
                     f"{self.path} holds the parts of an interrupted run that differs from this one: "
                     f"{_describe_difference(old, manifest)}. Rerun the original command to finish it, "
                     "or pass --restart to discard its parts.")
-            for name in self._names():  # a part whose move never happened
-                if name.endswith(".tmp"):
-                    storage.delete_file(self._file(name))
-            return
-        storage.delete(self.path)  # no manifest: a run that died before writing any part
+            # else: the leftovers of another job that finished (its clean-up was cut short)
+        storage.delete(self.path)
         storage.make_dirs(self.path)
-        storage.write_bytes_atomic(self._file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self.job_id = uuid.uuid4().hex
+        storage.write_bytes_atomic(self._file(MANIFEST),
+                                   json.dumps({**manifest, "job_id": self.job_id}, indent=1, sort_keys=True).encode())
+        return Opened.NEW
 
     def _names(self) -> list[str]:
         return [storage.basename(f) for f in storage.list_files(self.path)] if storage.is_dir(self.path) else []
@@ -149,7 +184,8 @@ class WorkDir:
         """Copy the parts, in order, into `output` (atomically), then remove the work directory.
 
         `metadata_for(counts)` gives the file's qa_batch metadata from the counts over all
-        parts (rows, chunks, answered, errors), which are also returned.
+        parts (rows, chunks, answered, errors), which are also returned; it must carry
+        this work directory's job id (see `wrote`).
         """
         tmp = storage.join(storage.parent(output), f".{storage.basename(output)}.assembling.tmp")
         counts = {"rows": 0, "chunks": 0, "answered": 0, "errors": 0}
@@ -169,13 +205,15 @@ class WorkDir:
             raise RuntimeFailure(
                 f"could not write {output}: {e.strerror or e}. The finished parts in {self.path} are "
                 "kept: fix the cause and rerun the same command to resume") from None
-        # Once the marker exists the output is complete; a rerun only finishes the clean-up.
-        storage.write_bytes_atomic(self._file(ASSEMBLED), b"")
         faults.point("renaming")
-        storage.move(tmp, output)
+        storage.move(tmp, output)  # from here the output carries this job's id: a rerun only cleans up
         faults.point("cleaning_up")
-        storage.delete_dir(self.path)
+        self.remove()
         return counts
 
     def remove(self) -> None:
+        """Delete the work directory, its manifest last: cut short, it still names its job."""
+        for name in self._names():
+            if name != MANIFEST:
+                storage.delete_file(self._file(name))
         storage.delete(self.path)

@@ -130,6 +130,8 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
         check_max_seq_len(config, first["max_positions"])
         todo = job.open_parts(first["model"], first["device_type"], first["dtype"], first["batch_size"],
                               first["max_batch_tokens"])
+        if todo is None:  # this job's output is in place: only the clean-up was left
+            return job.already_done()
         done_before = job.total_rows - sum(end - start for start, end in todo)
         for shard in split_ranges(todo, config.rows_per_window, balanced_shard_rows(todo, len(procs))):
             tasks.put(shard)

@@ -161,6 +161,64 @@ def test_a_full_disk_fails_with_exit_3_and_keeps_the_previous_output(job, tmp_pa
     assert pq.read_table(out).equals(job["reference"])
 
 
+def test_killed_before_the_move_with_an_older_output_present_gives_the_new_output(job, tmp_path):
+    """Regression: the old `assembled` marker made the rerun keep yesterday's output and exit 0."""
+    out = tmp_path / "out.parquet"
+    yesterday = tmp_path / "yesterday.parquet"
+    r = run_cli("run", job["input"], "-o", yesterday, "--model", job["model"], *OPTIONS, "--limit", "5")
+    assert r.returncode == 0, r.stderr
+    out.write_bytes(yesterday.read_bytes())  # a real qa-batch output of another job
+    r = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True,
+                       env=env(QA_BATCH_CRASH_AT="renaming:1"), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert pq.read_table(out).num_rows == 5  # the move never happened: yesterday's output is intact
+    r = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).equals(job["reference"])
+    assert not os.path.exists(str(out) + ".partial")
+
+
+def test_leftovers_of_a_finished_job_never_pass_for_the_next_job(job, tmp_path):
+    """Regression: killed while cleaning up, the next night's run with new inputs answered nothing."""
+    inp = tmp_path / "in.parquet"
+    inp.write_bytes(job["input"].read_bytes())
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(command(job, out, "--overwrite", input=inp), capture_output=True, text=True,
+                       env=env(QA_BATCH_CRASH_AT="cleaning_up:1"), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert pq.read_table(out).equals(job["reference"]) and os.path.exists(str(out) + ".partial")
+    # the next night: new rows in the same input file
+    tonight = pq.read_table(job["input"]).slice(3, 9)
+    pq.write_table(tonight, inp)
+    r = subprocess.run(command(job, out, input=inp), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 2 and "exists: pass --overwrite" in r.stderr  # yesterday's output is not ours
+    r = subprocess.run(command(job, out, "--overwrite", input=inp), capture_output=True, text=True, env=env(),
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    got = pq.read_table(out)
+    assert got["question"].to_pylist() == tonight["question"].to_pylist()
+    assert got["answer"].to_pylist() == job["reference"]["answer"].to_pylist()[3:12]
+    assert not os.path.exists(str(out) + ".partial")
+
+
+def test_the_same_job_killed_while_cleaning_up_reports_its_own_summary(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    r = subprocess.run(command(job, out), capture_output=True, text=True,
+                       env=env(QA_BATCH_CRASH_AT="cleaning_up:1"), cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    # the clean-up died half way: parts gone, the manifest (deleted last) still there
+    work = str(out) + ".partial"
+    for name in os.listdir(work):
+        if name != "manifest.json":
+            os.remove(os.path.join(work, name))
+    report = tmp_path / "report.json"
+    r = subprocess.run(command(job, out, "--report", str(report)), capture_output=True, text=True, env=env(),
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr  # no "output exists": it is this job's own output
+    assert json.loads(report.read_text())["rows"] == job["reference"].num_rows
+    assert pq.read_table(out).equals(job["reference"]) and not os.path.exists(work)
+
+
 SUMMARY = re.compile(
     r"^qa-batch: (\d+) rows? \((\d+) answered, (\d+) null, (\d+) errors?\), (\d+) chunks? in ([\d.]+) s on (\S+): "
     r"([\d.]+) rows/s, ([\d.]+) chunks/s(?:; with the (\d+) rows? answered before, (\d+) rows? \((\d+) answered, "

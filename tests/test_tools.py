@@ -171,6 +171,9 @@ def test_the_quick_tour_on_the_sample(tmp_path, bert_dir):
     r = run_cli("run", sample, "--model", bert_dir)
     assert r.returncode == 0, r.stderr
     answers = tmp_path / "sample.answers.parquet"
+    # the summary line alone (no warning that CUDA is absent), naming the device
+    assert re.fullmatch(r"qa-batch: 45 rows \(45 answered, 0 null, 0 errors\), \d+ chunks in [\d.]+ s on cpu: "
+                        rf"[\d.]+ rows/s, [\d.]+ chunks/s -> {re.escape(str(answers))}\n", r.stderr), r.stderr
     r = run_cli("eval", answers, sample)
     assert r.returncode == 0, r.stderr
     assert "rows evaluated 45 (missing from answers: 0, missing from gold: 0)" in r.stdout
@@ -183,6 +186,22 @@ def test_the_quick_tour_on_the_sample(tmp_path, bert_dir):
     r = run_cli("summary", answers, "--by", "question", "--top", "45")
     assert r.returncode == 0, r.stderr
     assert "by question (43 groups, rarely answered first):" in r.stdout  # two questions are asked twice
+
+
+def test_counts_of_one_are_singular(tmp_path, bert_dir):
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"id": ["a"], "passage": ["Paris is the capital of France."],
+                             "question": ["What is the capital of France?"]}), path)
+    r = run_cli("run", path, "--model", bert_dir)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^qa-batch: 1 row \(1 answered, 0 null, 0 errors\), 1 chunk in [\d.]+ s on cpu: ", r.stderr, re.M), \
+        r.stderr
+    r = run_cli("summary", tmp_path / "one.answers.parquet", "--by", "question")
+    assert r.returncode == 0 and "by question (1 group, rarely answered first):" in r.stdout, r.stdout + r.stderr
+    one = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [SQUAD["data"][1]["paragraphs"][0]]}]}
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    r = run_cli("convert", tmp_path / "one.json", "-o", tmp_path / "gold.parquet")
+    assert r.returncode == 0 and "wrote 1 question to" in r.stderr, r.stderr
 
 
 def test_summary_counts_and_rarely_answered_questions_first(tmp_path):

@@ -27,6 +27,7 @@ CORPUS = [
 
 
 def _train(tok: Tokenizer, trainer) -> Tokenizer:
+    trainer.show_progress = False  # no progress bar, no blank lines
     tok.train_from_iterator(CORPUS, trainer=trainer)
     return tok
 
@@ -145,7 +146,15 @@ def make_checkpoint(directory: str, family: str = "bert", seed: int = 0, padding
         raise ValueError(family)
     torch.manual_seed(seed)
     model = AutoModelForQuestionAnswering.from_config(config)
-    model.save_pretrained(directory)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return directory
 
 
