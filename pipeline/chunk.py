@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from .wording import plural
+
 
 @dataclass(frozen=True)
 class PairTemplate:
@@ -249,9 +251,10 @@ class Chunker:
             token_base[i] = p_base[pj]
             budget = self.max_seq_len - t.n_special - len(ids_q)
             if len(ids_p) > budget and budget <= self.doc_stride:
+                n_q, left = len(ids_q), max(budget, 0)
                 errors[i] = (
-                    f"question too long: {len(ids_q)} tokens leave {max(budget, 0)} passage tokens per "
-                    f"chunk, which must exceed --doc-stride {self.doc_stride}; shorten the question, "
+                    f"question too long: {plural(n_q, 'token')} {'leaves' if n_q == 1 else 'leave'} "
+                    f"{plural(left, 'passage token')} per chunk, which must exceed --doc-stride {self.doc_stride}; shorten the question, "
                     "raise --max-seq-len, lower --doc-stride, or pass --truncate-question"
                 )
                 continue
