@@ -1,6 +1,6 @@
 """`--help` as a user sees it: rendered by the installed typer and rich, read from a subprocess.
 
-COLUMNS is wide so that no help text wraps and each one can be looked for on one line.
+COLUMNS is very wide so that no help text wraps and each one can be looked for on one line.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def rendered_help(*args: str) -> list[str]:
     exe = shutil.which("qa-batch", path=os.path.dirname(sys.executable))
     assert exe, "the qa-batch console script is installed"
     r = subprocess.run([exe, *args, "--help"], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "400", "NO_COLOR": "1"})
+                       env={**os.environ, "COLUMNS": "3000", "NO_COLOR": "1"})
     assert r.returncode == 0, r.stderr
     return [" ".join(line.split()) for line in r.stdout.splitlines()]  # spaces collapsed, line by line
 
