@@ -20,6 +20,8 @@ python3 -m jobs.cli run data/sample.parquet -o /tmp/sample-fp16.parquet --model 
 # the worker-process path on one GPU: two workers share cuda:0; same table as one process
 python3 -m jobs.cli run data/sample.parquet -o /tmp/sample-2w.parquet --model /tmp/tiny --devices cuda:0,cuda:0 --dtype float32 --top-k 2 --overwrite --rows-per-window 8
 python3 -m jobs.cli run data/sample.parquet -o /tmp/sample-1w.parquet --model /tmp/tiny --device cuda:0 --dtype float32 --top-k 2 --overwrite --rows-per-window 8
+# a real out-of-memory in the forward (most of the card taken by a ballast tensor), recovered
+python3 benchmarks/oom_check.py /tmp/tiny || echo "OOM CHECK FAILED"
 python3 -c "import pyarrow.parquet as pq; print('two workers on cuda:0 equal one:', pq.read_table('/tmp/sample-2w.parquet').equals(pq.read_table('/tmp/sample-1w.parquet')))"
 python3 - <<'PY'
 import pyarrow.parquet as pq
