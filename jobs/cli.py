@@ -76,6 +76,13 @@ def run(
     allow_null: bool = typer.Option(False, "--allow-null/--no-allow-null",
         help="Allow 'no answer' (SQuAD 2.0-style models): null when null score - best span score > --null-threshold.", rich_help_panel="Answers"),
     null_threshold: float = typer.Option(0.0, help="Margin the null score must beat the best span by (with --allow-null).", rich_help_panel="Answers"),
+    calibration: Optional[str] = typer.Option(None, "--calibration", show_default=False, rich_help_panel="Answers",
+        help="A calibration fitted on labelled rows (qa-batch eval --fit-calibration): its null bias decides null "
+             "answers (as --allow-null --null-threshold BIAS) and confidence becomes the calibrated probability "
+             "that the answer is right; score and null_score stay raw. One fitted for another model or other "
+             "options (lengths, dtype, quantize) is refused (exit 2)."),
+    force_calibration: bool = typer.Option(False, "--force-calibration", rich_help_panel="Answers",
+        help="Apply --calibration even if it was fitted for another model or other options."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N. auto and cuda use "
                                "every visible GPU, one worker process each.", rich_help_panel="Model and device"),
     devices: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Model and device",
@@ -135,7 +142,7 @@ def run(
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
         engine=engine, ray_address=ray_address, num_gpus=num_gpus, num_cpus_per_worker=num_cpus_per_worker,
-        rows_per_batch=rows_per_batch,
+        rows_per_batch=rows_per_batch, calibration=calibration, force_calibration=force_calibration,
     )
     stop = threading.Event()
     received: list[int] = []
@@ -282,16 +289,31 @@ def eval_command(
     gold_col: str = typer.Option("answers", help="Column of GOLD holding the gold answers."),
     json_path: Optional[str] = typer.Option(None, "--json", show_default=False, help="Also write the figures as JSON."),
     plot_path: Optional[str] = typer.Option(None, "--plot", show_default=False,
-        help="Draw F1/EM against the null threshold and a reliability diagram to this PNG (needs matplotlib)."),
+        help="Draw F1/EM against the null threshold and a reliability diagram of confidence to this PNG, "
+             "before and after --calibration (needs matplotlib)."),
+    fit_calibration: Optional[str] = typer.Option(None, "--fit-calibration", show_default=False,
+        help="Fit a calibration on these labelled rows and write it to this JSON file, for qa-batch run "
+             "--calibration: a null bias (the best F1 --null-threshold) and a logistic calibrator that turns "
+             "confidence into the probability that the answer is right. Answer the rows without --allow-null "
+             "or with --top-k 2, so that every row keeps its best span."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", show_default=False,
+        help="Also report F1, ECE and Brier with this calibration applied to the answers (before and after)."),
 ):
     """Exact match and F1 (official SQuAD normalisation) of answers against gold answers.
 
-    For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from each row's null margin (null_score - score). Rows missing from either table are counted.
+    For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from each row's null margin (null_score - score). It reports how well confidence predicts a right answer (F1 >= 0.5, or null for an unanswerable question): expected calibration error over 10 equal-width bins (ECE: the average gap between confidence and the share of right answers) and Brier score. Rows missing from either table are counted.
     """
-    from pipeline.evaluate import evaluate, plot
+    from pipeline import calibrate, storage
+    from pipeline.evaluate import apply_calibration, evaluate, fit_calibration as fit, plot
 
     with _errors_exit():
         report = evaluate(answers, gold, id_col, gold_col)
+        fitted = fit(report, answers, gold) if fit_calibration else None
+        if fitted:
+            storage.write_bytes(fit_calibration, fitted.to_json().encode())
+        if calibration or fitted:
+            apply_calibration(report, fitted or calibrate.load(calibration), calibration or fit_calibration,
+                              answers)
         if plot_path:
             plot(report, plot_path)
     r = report
@@ -307,6 +329,16 @@ def eval_command(
                      f"best F1 {r.best_f1:.2f} at --null-threshold {r.best_f1_threshold:.3f}")
     if r.threshold_note:
         lines.append(f"note: {r.threshold_note}")
+    if r.ece is not None:
+        lines.append(f"confidence: ECE {r.ece:.3f} (10 bins), Brier {r.brier:.3f}; "
+                     "right = F1 >= 0.5, or null when unanswerable")
+    if r.calibration:
+        c, b, a = r.calibration, r.calibration["before"], r.calibration["after"]
+        bias = "none" if c["null_bias"] is None else f"{c['null_bias']:.3f}"
+        lines.append(f"{'fitted' if fitted else 'with'} calibration {c['path']} (null bias {bias}) on "
+                     f"{plural(c['rows'], 'row')}: F1 {b['f1']:.2f} -> {a['f1']:.2f}, ECE {b['ece']:.3f} -> "
+                     f"{a['ece']:.3f}, Brier {b['brier']:.3f} -> {a['brier']:.3f}")
+        lines += [f"note: the calibration was fitted for another run: {m}" for m in c["mismatches"]]
     typer.echo("\n".join(lines))
     if json_path:
         with open(json_path, "w") as f:

@@ -48,13 +48,15 @@ class RunConfig:
     num_gpus: int = 0  # with --engine ray: actors, one GPU each (0: CPU actors)
     num_cpus_per_worker: float | None = None  # with --engine ray: CPUs reserved per actor
     rows_per_batch: int | None = None  # with --engine ray: rows per actor call; None: balanced over actors
+    calibration: str | None = None  # a calibration JSON (qa-batch eval --fit-calibration): null bias, calibrated confidence
+    force_calibration: bool = False  # apply it even when fitted for another model or other options
 
     def answer_options(self) -> dict:
         """The options that change answers, recorded in the output's metadata."""
         keys = (
             "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
             "doc_stride", "max_answer_len", "truncate_question", "max_question_len", "top_k", "allow_null", "null_threshold",
-            "dtype", "quantize", "limit",
+            "dtype", "quantize", "limit", "calibration",
         )
         return {k: v for k, v in asdict(self).items() if k in keys}
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from . import __version__, faults, storage
+from . import __version__, calibrate, faults, storage
 from .batch import collate, plan_batches
 from .chunk import ChunkSet, Chunker
 from .config import RunConfig
@@ -148,6 +148,43 @@ def check_options(c: RunConfig) -> None:
     need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
     need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
+    if c.calibration:
+        check_calibration(c, calibrate.load(c.calibration))
+
+
+def check_calibration(c: RunConfig, cal: calibrate.Calibration, loaded: LoadedModel | None = None) -> None:
+    """Before the model is loaded (loaded=None), what the options tell; after, model and dtype too."""
+    where = f"--calibration {c.calibration}"
+    if c.null_threshold != 0.0:
+        raise UsageError(f"{where} sets the null threshold (its null bias): drop --null-threshold")
+    if c.allow_null and cal.null_bias is None:
+        raise UsageError(f"{where} was fitted on rows without unanswerable questions and gives no null answers: "
+                         "drop --allow-null, or fit it on a sample with unanswerable questions")
+    from .model import content_hash
+
+    options = {k: v for k, v in c.answer_options().items() if k != "dtype" or v != "auto"}
+    if loaded is not None:
+        options["dtype"] = loaded.dtype_name
+        model = loaded.identity
+    elif os.path.isdir(c.model):
+        model = {"id": c.model, "revision": content_hash(c.model)}
+    else:
+        model = None  # a hub id: checked once loaded, when its revision is known
+    differences = cal.mismatches(model, options)
+    if differences and not c.force_calibration:
+        raise UsageError(f"{where} was fitted for another run: " + "; ".join(differences) +
+                         ". Fit one for this model and these options (qa-batch eval --fit-calibration), or "
+                         "pass --force-calibration to apply it anyway")
+    if differences and loaded is not None:
+        import logging
+
+        logging.getLogger("qa_batch").warning("applying %s fitted for another run (--force-calibration): %s",
+                                              where, "; ".join(differences))
+
+
+def calibration_metadata(c: RunConfig) -> dict:
+    """What an output's metadata says about the calibration applied (nothing without one)."""
+    return {"calibration": calibrate.load(c.calibration).describe(c.calibration)} if c.calibration else {}
 
 
 def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
@@ -182,13 +219,17 @@ class Stages:
     predictor: Predictor
     batch_size: int
     max_batch_tokens: int
-    chunk_k: int  # spans kept per chunk: top_k (each distinct span is owned by one chunk only)
+    chunk_k: int  # spans kept per chunk: top_k, at least 2 for the runner-up (each span has one owner chunk)
+    calibration: calibrate.Calibration | None = None  # --calibration: null bias and calibrated confidence
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
+        cal = calibrate.load(config.calibration) if config.calibration else None
+        if cal is not None:
+            check_calibration(config, cal, loaded)
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
-        chunk_k = config.top_k
+        chunk_k = max(config.top_k, 2)
         return cls(
             config=config, loaded=loaded,
             chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
@@ -198,6 +239,7 @@ class Stages:
             batch_size=batch_size,
             max_batch_tokens=config.max_batch_tokens or batch_size * config.max_seq_len,
             chunk_k=chunk_k,
+            calibration=cal,
         )
 
     @property
@@ -214,8 +256,13 @@ class Stages:
                           pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
 
     def merge(self, rows: RowBatch, chunks: ChunkSet, spans: WindowSpans) -> list[RowAnswer]:
-        c = self.config
-        return merge_window(rows.passages, chunks, spans, c.top_k, c.allow_null, c.null_threshold)
+        c, cal = self.config, self.calibration
+        if cal is None:
+            return merge_window(rows.passages, chunks, spans, c.top_k, c.allow_null, c.null_threshold)
+        # the calibration's null bias is the null threshold; then its confidence replaces the softmax share
+        answers = merge_window(rows.passages, chunks, spans, c.top_k, cal.null_bias is not None,
+                               cal.null_bias or 0.0)
+        return calibrate.apply_to_answers(cal, answers)
 
     def answer_window(self, rows: RowBatch, schema: pa.Schema, id_col: str | None) -> pa.Table:
         """All stages, in order, for one window of rows: its output table."""
@@ -257,7 +304,8 @@ class Job:
 
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
         return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
-                "device": device, "dtype": dtype, "started_at": self.started_at}
+                "device": device, "dtype": dtype, "started_at": self.started_at,
+                **calibration_metadata(self.config)}
 
     def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
                    max_batch_tokens: int) -> list[tuple[int, int]]:

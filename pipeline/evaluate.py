@@ -1,5 +1,7 @@
-"""Answer quality against gold answers: the official SQuAD v1.1/v2.0 metrics, and the null
-threshold that maximises them. Polars joins the answers with the gold table."""
+"""Answer quality against gold answers: the official SQuAD v1.1/v2.0 metrics, the null
+threshold that maximises them, and how well `confidence` predicts a right answer (ECE, Brier),
+before and after a calibration; fitting one (calibrate.py does the maths). Polars joins the
+answers with the gold table."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import polars as pl
 
-from . import storage
+from . import __version__, calibrate, storage
 from .errors import UsageError
 from .wording import plural
 
@@ -61,6 +64,10 @@ class EvalReport:
     best_f1: float | None = None
     best_f1_threshold: float | None = None
     threshold_note: str | None = None
+    # confidence against correctness (F1 >= 0.5, or null for an unanswerable row); rows with a confidence
+    ece: float | None = None  # expected calibration error, 10 equal-width bins
+    brier: float | None = None
+    calibration: dict | None = None  # with a calibration: its path, null bias, before/after metrics, notes
     # for plots, not in as_dict(): per-row results, and (threshold, %) curves per metric
     per_row: list[dict] = field(default_factory=list, repr=False)
     curves: dict = field(default_factory=dict, repr=False)
@@ -101,7 +108,8 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: st
     if not isinstance(gold.schema[gold_col], pl.List):
         raise UsageError(f"{gold_path}: column {gold_col!r} is {gold.schema[gold_col]}, not a list of gold answer "
                          "strings (empty for an unanswerable question)")
-    keep = [id_col, "answer"] + [c for c in ("score", "null_score", "confidence", "answers") if c in answers.columns]
+    keep = [id_col, "answer"] + [c for c in ("score", "null_score", "confidence", "runner_up_score", "log_norm",
+                                             "answers") if c in answers.columns]
     answers = answers.select(keep).rename({"answers": "top"} if "answers" in keep else {})
     gold = gold.select([id_col, pl.col(gold_col).alias("gold")])
     joined = gold.join(answers, on=id_col, how="inner")
@@ -111,7 +119,7 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: st
         raise UsageError(f"no {id_col!r} is in both tables: check --id-col")
 
     ems, f1s, has = [], [], []
-    span_em, span_f1, margins = [], [], []
+    span_em, span_f1, margins, logits = [], [], [], []
     for row in joined.iter_rows(named=True):
         golds = [g for g in (row["gold"] or []) if g] or []
         pred = row["answer"] or ""
@@ -123,18 +131,22 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: st
         span_em.append(best_over_gold(exact_match, span or "", golds))
         span_f1.append(best_over_gold(f1, span or "", golds))
         if row.get("null_score") is not None and row.get("score") is not None and span is not None:
-            margins.append(row["null_score"] - (row["score"] if row["answer"] is not None
-                                                else row["top"][0]["score"]))
+            span_score = row["score"] if row["answer"] is not None else row["top"][0]["score"]
+            margins.append(row["null_score"] - span_score)
+            logits.append((span_score, _runner_up(row), row["null_score"], row.get("log_norm")))
         else:
             margins.append(None)
+            logits.append(None)
 
     def pct(xs):
         return round(100.0 * sum(xs) / len(xs), 4) if xs else None
 
-    per_row = [{"exact": e, "answered": a is not None, "confidence": c}
-               for e, a, c in zip(ems, joined["answer"].to_list(),
-                                  joined["confidence"].to_list() if "confidence" in joined.columns
-                                  else [None] * joined.height)]
+    per_row = [{"id": i, "exact": e, "f1": f, "span_f1": sf, "has_answer": h, "answered": a is not None,
+                "confidence": c, "logits": lg}
+               for i, e, f, sf, h, a, c, lg in zip(joined[id_col].to_list(), ems, f1s, span_f1, has,
+                                                   joined["answer"].to_list(),
+                                                joined["confidence"].to_list() if "confidence" in joined.columns
+                                                else [None] * joined.height, logits)]
     rep = EvalReport(
         rows_matched=joined.height, missing_in_answers=missing_in_answers, missing_in_gold=missing_in_gold,
         exact=pct(ems), f1=pct(f1s),
@@ -161,7 +173,103 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: st
             rep.curves[metric] = curve
             setattr(rep, f"best_{metric}", round(best, 4))
             setattr(rep, f"best_{metric}_threshold", round(t, 4))
+    rated = [r for r in per_row if r["confidence"] is not None]
+    if rated:
+        conf = np.array([r["confidence"] for r in rated], np.float64)
+        right = calibrate.correct(np.array([not r["answered"] for r in rated]),
+                                  np.array([r["has_answer"] for r in rated]), np.array([r["f1"] for r in rated]))
+        rep.ece, rep.brier = round(calibrate.ece(conf, right), 4), round(calibrate.brier(conf, right), 4)
     return rep
+
+
+def _runner_up(row: dict) -> float | None:
+    """The best distinct span after the best one: its column, else the second of top-k."""
+    if "runner_up_score" in row:
+        return row["runner_up_score"]
+    top = row.get("top") or []
+    return top[1]["score"] if len(top) > 1 else None
+
+
+def best_f1_threshold(report: EvalReport) -> float | None:
+    """The exact --null-threshold that maximises F1 (the report prints it rounded)."""
+    if "f1" not in report.curves:
+        return None
+    return max(report.curves["f1"], key=lambda point: point[1])[0]
+
+
+def _row_logits(report: EvalReport, what: str) -> tuple[list[dict], calibrate.RowLogits]:
+    """The rows a calibration can be fitted on or applied to: those with a null score (errors
+    have none), each with its best span's score and text, runner-up and log_norm."""
+    rows = [r for r in report.per_row if r["logits"] is not None or r["confidence"] is not None]
+    lacking = [r for r in rows if r["logits"] is None or r["logits"][3] is None]
+    if lacking:
+        no_norm = sum(r["logits"] is not None for r in lacking)
+        why = ("the answers have no log_norm column: answer them again with this version of qa-batch"
+               if no_norm else "null answers were written without their best span: answer the labelled rows "
+               "without --allow-null, or with --top-k 2")
+        raise UsageError(f"{what}: {plural(len(lacking), 'row')} cannot be used ({why})")
+    lg = np.array([r["logits"] for r in rows], dtype=np.float64)  # None (no runner-up) becomes NaN
+    return rows, calibrate.RowLogits(span_score=lg[:, 0], runner_up=lg[:, 1], null_score=lg[:, 2],
+                                     log_norm=lg[:, 3])
+
+
+def _labels(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    has = np.array([r["has_answer"] for r in rows], bool)
+    span_f1 = np.array([r["span_f1"] for r in rows], np.float64)
+    null_before = np.array([not r["answered"] for r in rows], bool)
+    conf = np.array([np.nan if r["confidence"] is None else r["confidence"] for r in rows], np.float64)
+    return has, span_f1, null_before, conf
+
+
+def answers_metadata(answers_path: str) -> dict:
+    """The qa-batch metadata of an output file (or of the first file of a Ray output directory)."""
+    from .write import read_metadata
+
+    path = answers_path
+    if storage.is_dir(answers_path):
+        files = sorted(f for f in storage.list_files(answers_path) if f.endswith(".parquet"))
+        path = files[0] if files else answers_path
+    try:
+        return read_metadata(path)
+    except (KeyError, OSError, ValueError):
+        raise UsageError(f"{answers_path}: no qa-batch metadata (model, options): fit a calibration on the "
+                         "output of qa-batch run") from None
+
+
+def fit_calibration(report: EvalReport, answers_path: str, gold_path: str, l2: float = 1.0) -> calibrate.Calibration:
+    """Fit a calibration on evaluated rows: the null bias is the report's best F1 threshold."""
+    meta = answers_metadata(answers_path)
+    rows, logits = _row_logits(report, "--fit-calibration")
+    has, span_f1, null_before, conf = _labels(rows)
+    if np.isnan(conf).any():
+        conf = np.where(np.isnan(conf), calibrate.softmax_share(logits, None), conf)
+    bias = best_f1_threshold(report) if not has.all() else None
+    options = {**meta.get("options", {}), "dtype": meta.get("dtype", meta.get("options", {}).get("dtype"))}
+    return calibrate.fit(
+        logits, has, span_f1, bias, model=meta.get("model") or {}, options=options, confidence_before=conf,
+        null_before=null_before, l2=l2, version=__version__,
+        fitted_on={"answers": answers_path, "gold": gold_path, "rows": len(rows),
+                   "has_answer": int(has.sum()), "no_answer": int((~has).sum()),
+                   "ids": [r["id"] for r in rows] if rows and "id" in rows[0] else None})
+
+
+def apply_calibration(report: EvalReport, cal: calibrate.Calibration, path: str, answers_path: str) -> None:
+    """Before/after metrics of a calibration on the evaluated rows, in report.calibration."""
+    rows, logits = _row_logits(report, f"--calibration {path}")
+    has, span_f1, null_before, conf = _labels(rows)
+    metrics = calibrate.compare(cal, logits, has, span_f1, np.nan_to_num(conf), null_before)
+    notes = []
+    try:
+        meta = answers_metadata(answers_path)
+        options = {**meta.get("options", {}), "dtype": meta.get("dtype")}
+        notes = cal.mismatches(meta.get("model") or {}, options)
+    except UsageError:
+        notes = ["the answers carry no qa-batch metadata: whether the calibration fits them is unknown"]
+    right = calibrate.correct(calibrate.is_null(logits, cal.null_bias), has, span_f1)
+    for r, p, y in zip(rows, cal.probability(logits), right):
+        r["calibrated"] = (float(p), bool(y))  # for the plot
+    report.calibration = {"path": path, "null_bias": cal.null_bias, "rows": len(rows), **metrics,
+                          "mismatches": notes}
 
 
 def plot(report: EvalReport, path: str) -> None:
@@ -187,23 +295,27 @@ def plot(report: EvalReport, path: str) -> None:
     else:
         left.text(0.5, 0.5, "no unanswerable questions:\nno threshold to tune", ha="center", va="center")
     left.set_title("Quality against the null threshold")
-    answered = [r for r in rows if r["answered"] and r["confidence"] is not None]
-    edges = [i / 10 for i in range(11)]
-    xs, ys, ns = [], [], []
-    for lo, hi in zip(edges, edges[1:]):
-        inside = [r for r in answered if lo <= r["confidence"] < hi or (hi == 1.0 and r["confidence"] == 1.0)]
-        if inside:
-            xs.append(sum(r["confidence"] for r in inside) / len(inside))
-            ys.append(sum(r["exact"] for r in inside) / len(inside))
-            ns.append(len(inside))
-    right.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
-    right.plot(xs, ys, marker="o", label="exact match rate")
-    for x, y, n in zip(xs, ys, ns):
-        right.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    right.set_xlabel("confidence (bin mean)")
-    right.set_ylabel("answers that match gold")
-    right.set_title("Reliability of confidence (answered rows)")
-    right.legend()
+    rated = [r for r in rows if r["confidence"] is not None]
+    right_before = calibrate.correct(np.array([not r["answered"] for r in rated], bool),
+                                     np.array([r["has_answer"] for r in rated], bool),
+                                     np.array([r["f1"] for r in rated], np.float64))
+    series = [(f"as answered (ECE {report.ece:.3f})" if report.ece is not None else "as answered",
+               [r["confidence"] for r in rated], right_before)]
+    if report.calibration:
+        cal = [r["calibrated"] for r in rows if "calibrated" in r]
+        series.append((f"calibrated (ECE {report.calibration['after']['ece']:.3f})",
+                       [p for p, _ in cal], [y for _, y in cal]))
+    right.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for label, conf, ok in series:
+        points = calibrate.reliability(np.array(conf, np.float64), np.array(ok, np.float64))
+        right.plot([b["confidence"] for b in points], [b["right"] for b in points], marker="o", label=label)
+        for b in points:
+            right.annotate(str(b["rows"]), (b["confidence"], b["right"]), textcoords="offset points",
+                           xytext=(4, 4), fontsize=7)
+    right.set_xlabel("confidence (bin mean, 10 bins)")
+    right.set_ylabel("share of right answers")
+    right.set_title("Reliability: right = F1 >= 0.5, or null when unanswerable")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,315 @@
+"""Calibration: a null bias and a logistic calibrator fitted on labelled rows, applied to any run.
+
+A row's raw `confidence` is a softmax share: it spreads over overlapping spans that are all
+right and depends on passage length, so it is not the probability that the answer is right.
+A calibration, fitted by `qa-batch eval --fit-calibration` on a labelled sample, turns it
+into one:
+
+1. **Null bias** b: the --null-threshold that maximises F1 on the sample. It is applied to
+   the null score itself, n' = null_score - b, so the row is null exactly when n' beats the
+   best span (null_score - span_score > b, the --null-threshold rule), and the null
+   candidate's softmax share agrees with that decision.
+2. **Calibrator**: logistic (Platt) regression from a few per-row features to the
+   probability that the row's answer is right (F1 >= 0.5 against a gold answer, or null
+   for an unanswerable question):
+
+       p = sigmoid(intercept + sum_j weight_j * (feature_j - mean_j) / scale_j)
+
+   Features (FEATURES), from the logits every output row carries (score or the first of
+   `answers`, runner_up_score, null_score, log_norm), with n' the biased null score:
+   - share: the answer's softmax share among every candidate span and n';
+   - margin: |span_score - n'|, how far the decision was from flipping;
+   - is_null: 1 for a null answer;
+   - gap: span_score - runner_up_score, the lead of the best span over the best distinct
+     other span (capped at GAP_CAP; the cap when there is no other span).
+
+Everything here is plain numpy: the fit is Newton's method (IRLS) with a small L2 penalty.
+Expected calibration error (ECE) and Brier score measure the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UsageError
+
+FORMAT = "qa-batch-calibration/1"
+FEATURES = ("share", "margin", "is_null", "gap")
+GAP_CAP = 20.0  # logits: beyond this the runner-up no longer matters
+MARGIN_CAP = 40.0
+# Options that change the logits a calibration reads; a run with other values is refused.
+FITTED_OPTIONS = ("max_seq_len", "doc_stride", "max_answer_len", "truncate_question", "max_question_len",
+                  "dtype", "quantize")
+
+
+@dataclass(frozen=True)
+class RowLogits:
+    """Per row (arrays of one length): what the features are computed from."""
+
+    span_score: np.ndarray  # the best span's logit sum
+    runner_up: np.ndarray  # the best distinct other span's (NaN: none)
+    null_score: np.ndarray
+    log_norm: np.ndarray  # logsumexp of every candidate span's score, the null candidate excluded
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, np.asarray(getattr(self, f.name), dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.span_score)
+
+
+def is_null(logits: RowLogits, null_bias: float | None) -> np.ndarray:
+    """The --null-threshold rule with the bias as threshold: null_score - span_score > b."""
+    if null_bias is None:
+        return np.zeros(len(logits), bool)
+    return (logits.null_score - logits.span_score) > null_bias
+
+
+def features(logits: RowLogits, null_bias: float | None) -> np.ndarray:
+    """[rows, len(FEATURES)] feature matrix (see the module docstring)."""
+    null = is_null(logits, null_bias)
+    biased = logits.null_score - null_bias if null_bias is not None else np.full(len(logits), -np.inf)
+    chosen = np.where(null, biased, logits.span_score)
+    share = np.exp(chosen - np.logaddexp(logits.log_norm, biased))
+    margin = np.minimum(np.abs(logits.span_score - biased), MARGIN_CAP)
+    gap = np.clip(np.nan_to_num(logits.span_score - logits.runner_up, nan=GAP_CAP), 0.0, GAP_CAP)
+    return np.stack([np.clip(share, 0.0, 1.0), margin, null.astype(np.float64), gap], axis=1)
+
+
+def softmax_share(logits: RowLogits, null_bias: float | None) -> np.ndarray:
+    """The uncalibrated confidence under the null bias: the answer's share with n' as the null."""
+    return features(logits, null_bias)[:, 0]
+
+
+def correct(null: np.ndarray, has_answer: np.ndarray, span_f1: np.ndarray) -> np.ndarray:
+    """Whether each row's answer is right: null for an unanswerable row, else F1 >= 0.5."""
+    return np.where(null, ~has_answer, has_answer & (span_f1 >= 0.5))
+
+
+# ---- the logistic fit ----
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 100):
+    """Weights minimising the log-loss + l2/2 |w|^2 (intercept free) over standardised x.
+
+    Returns (intercept, weights, mean, scale). Newton steps (IRLS) converge in a few
+    iterations; the penalty keeps them finite when the data separate.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0  # a constant feature (e.g. no null answer at all) gets weight 0
+    z = np.c_[np.ones(len(x)), (x - mean) / scale]
+    penalty = l2 * np.diag(np.r_[0.0, np.ones(x.shape[1])])
+    w = np.zeros(z.shape[1])
+    w[0] = np.log((y.sum() + 0.5) / (len(y) - y.sum() + 0.5))  # start at the base rate
+    for _ in range(iterations):
+        p = _sigmoid(z @ w)
+        grad = z.T @ (p - y) + penalty @ w
+        hess = (z * (p * (1 - p))[:, None]).T @ z + penalty
+        step = np.linalg.solve(hess + 1e-9 * np.eye(len(w)), grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-9:
+            break
+    return float(w[0]), w[1:], mean, scale
+
+
+def _sigmoid(t: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * t))  # no overflow warnings for large |t|
+
+
+# ---- measuring calibration ----
+
+def ece(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: over 10 equal-width bins of confidence, the mean gap between
+    the bin's average confidence and its share of right answers, weighted by the bin's rows."""
+    p, y = np.asarray(confidence, np.float64), np.asarray(right, np.float64)
+    if len(p) == 0:
+        return float("nan")
+    b = np.minimum((p * bins).astype(np.int64), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, y, bins))  # per bin: |sum p - sum y|
+    return float(gap.sum() / len(p)) if n.sum() else float("nan")
+
+
+def brier(confidence: np.ndarray, right: np.ndarray) -> float:
+    p, y = np.asarray(confidence, np.float64), np.asarray(right, np.float64)
+    return float(np.mean((p - y) ** 2)) if len(p) else float("nan")
+
+
+def reliability(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per non-empty bin: rows, mean confidence, share right (the reliability diagram's points)."""
+    p, y = np.asarray(confidence, np.float64), np.asarray(right, np.float64)
+    b = np.minimum((p * bins).astype(np.int64), bins - 1)
+    out = []
+    for i in range(bins):
+        m = b == i
+        if m.any():
+            out.append({"bin": [i / bins, (i + 1) / bins], "rows": int(m.sum()),
+                        "confidence": float(p[m].mean()), "right": float(y[m].mean())})
+    return out
+
+
+# ---- the calibration ----
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted null bias and calibrator, with what it was fitted for (JSON: to_json/load)."""
+
+    null_bias: float | None  # None: the sample had no unanswerable question; no null answers
+    intercept: float
+    weights: tuple[float, ...]  # per FEATURES, over standardised features
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    model: dict  # {"id", "revision"} of the model whose answers it was fitted on
+    options: dict  # FITTED_OPTIONS as that run had them
+    features: tuple[str, ...] = FEATURES
+    l2: float = 1.0
+    fitted_on: dict = field(default_factory=dict)  # answers, gold, rows, ids
+    metrics: dict = field(default_factory=dict)  # on the fitted rows: before, null_bias_only, after
+    created_at: str = ""
+    qa_batch_version: str = ""
+
+    def probability(self, logits: RowLogits) -> np.ndarray:
+        """The calibrated probability that each row's answer (under the null bias) is right."""
+        x = features(logits, self.null_bias)
+        t = self.intercept + ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights)
+        return _sigmoid(t)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps({"format": FORMAT, **d}, indent=2, default=_jsonable)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the fitted parameters: names the calibration in output metadata and manifests."""
+        params = [self.null_bias, self.intercept, list(self.weights), list(self.mean), list(self.scale),
+                  list(self.features)]
+        return "sha256:" + hashlib.sha256(json.dumps(params).encode()).hexdigest()
+
+    def describe(self, path: str) -> dict:
+        """What an output's metadata records about the calibration it applied."""
+        return {"path": path, "digest": self.digest, "null_bias": self.null_bias, "model": self.model,
+                "options": self.options, "rows": self.fitted_on.get("rows"), "created_at": self.created_at}
+
+    def mismatches(self, model: dict | None, options: dict) -> list[str]:
+        """How a run differs from what the calibration was fitted for (empty: it fits). The model
+        is the same when the revisions (hub commit or content hash) are, else when the ids are;
+        model None: not known yet, not compared."""
+        out = []
+        same_model = model is None or (
+            self.model.get("revision") == model.get("revision") if self.model.get("revision") and
+            model.get("revision") else self.model.get("id") == model.get("id"))
+        if not same_model:
+            out.append(f"model {model.get('id')} ({model.get('revision')}), fitted for {self.model.get('id')} "
+                       f"({self.model.get('revision')})")
+        for key in FITTED_OPTIONS:
+            if key in options and key in self.options and options[key] != self.options[key]:
+                out.append(f"--{key.replace('_', '-')} {options[key]}, fitted with {self.options[key]}")
+        return out
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON: {type(x)}")
+
+
+def load(path: str) -> Calibration:
+    """A calibration file written by `qa-batch eval --fit-calibration`; UsageError if it is not one."""
+    from . import storage
+
+    try:
+        d = json.loads(storage.read_bytes(path))
+    except (OSError, FileNotFoundError) as e:
+        raise UsageError(f"--calibration {path}: cannot read it ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--calibration {path}: not JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise UsageError(f"--calibration {path}: not a qa-batch calibration (no \"format\": \"{FORMAT}\"); "
+                         "make one with qa-batch eval ANSWERS GOLD --fit-calibration PATH")
+    d.pop("format")
+    try:
+        cal = Calibration(**{k: tuple(v) if k in ("weights", "mean", "scale", "features") else v
+                             for k, v in d.items()})
+    except TypeError as e:
+        raise UsageError(f"--calibration {path}: unexpected content ({e})") from None
+    if tuple(cal.features) != FEATURES:
+        raise UsageError(f"--calibration {path}: features {list(cal.features)} are not this version's "
+                         f"{list(FEATURES)}: fit it again with this version")
+    return cal
+
+
+def fit(logits: RowLogits, has_answer: np.ndarray, span_f1: np.ndarray, null_bias: float | None, *,
+        model: dict, options: dict, confidence_before: np.ndarray, null_before: np.ndarray,
+        fitted_on: dict, l2: float = 1.0, version: str = "") -> Calibration:
+    """Fit the calibrator under the given null bias (eval's best F1 threshold).
+
+    `confidence_before` and `null_before` are the run's own confidence and null decisions, for
+    the before/after metrics.
+    """
+    has_answer = np.asarray(has_answer, bool)
+    span_f1 = np.asarray(span_f1, np.float64)
+    null = is_null(logits, null_bias)
+    y = correct(null, has_answer, span_f1)
+    intercept, w, mean, scale = fit_logistic(features(logits, null_bias), y, l2)
+    cal = Calibration(null_bias=null_bias, intercept=intercept, weights=tuple(map(float, w)),
+                      mean=tuple(map(float, mean)), scale=tuple(map(float, scale)), model=model,
+                      options={k: options.get(k) for k in FITTED_OPTIONS}, l2=l2, fitted_on=fitted_on,
+                      created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      qa_batch_version=version)
+    metrics = compare(cal, logits, has_answer, span_f1, confidence_before, null_before)
+    return dataclasses.replace(cal, metrics=metrics)
+
+
+def quality(confidence, null, has_answer, span_f1) -> dict:
+    """F1, EM-free summary of one way of answering: F1 (%), ECE, Brier, share right."""
+    right = correct(null, has_answer, span_f1)
+    f1 = np.where(null, ~has_answer, np.where(has_answer, span_f1, 0.0))
+    return {"f1": round(100.0 * float(np.mean(f1)), 4) if len(f1) else None,
+            "ece": round(ece(confidence, right), 4), "brier": round(brier(confidence, right), 4),
+            "right": round(float(np.mean(right)), 4) if len(right) else None, "rows": int(len(right))}
+
+
+def compare(cal: Calibration, logits: RowLogits, has_answer, span_f1, confidence_before, null_before) -> dict:
+    """Before (the run as it was), with the null bias only (softmax share), and calibrated."""
+    null = is_null(logits, cal.null_bias)
+    return {
+        "before": quality(np.asarray(confidence_before, np.float64), np.asarray(null_before, bool), has_answer,
+                          span_f1),
+        "null_bias_only": quality(softmax_share(logits, cal.null_bias), null, has_answer, span_f1),
+        "after": quality(cal.probability(logits), null, has_answer, span_f1),
+    }
+
+
+# ---- applying it to a run's answers ----
+
+def apply_to_answers(cal: Calibration, answers: list) -> list:
+    """Calibrated confidence for merged RowAnswers (merge_window already decided nulls with
+    the bias as threshold). `score` and `null_score` stay raw; a top-k list's confidences
+    become softmax shares with the biased null score, so they agree with the decision."""
+    rows = [a for a in answers if a.span_score is not None]
+    if not rows:
+        return answers
+    logits = RowLogits(
+        span_score=[a.span_score for a in rows],
+        runner_up=[np.nan if a.runner_up_score is None else a.runner_up_score for a in rows],
+        null_score=[a.null_score for a in rows], log_norm=[a.log_norm for a in rows])
+    p = cal.probability(logits)
+    if cal.null_bias is not None:
+        norm = np.logaddexp(logits.log_norm, logits.null_score - cal.null_bias)
+    else:
+        norm = logits.log_norm
+    for a, prob, z in zip(rows, p, norm):
+        a.confidence = float(prob)
+        for t in a.top:
+            t.confidence = float(min(1.0, np.exp(t.score - z)))
+    return answers

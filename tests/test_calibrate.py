@@ -1,0 +1,226 @@
+"""Calibration: the fit recovers a known law, the null bias is eval's best threshold, a
+calibration for another run is refused, and applying one changes only confidence and nulls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import SAMPLE, run_cli
+from pipeline import calibrate
+from pipeline.calibrate import RowLogits
+from pipeline.evaluate import evaluate
+
+
+def synthetic_logits(rng: np.random.Generator, n: int) -> RowLogits:
+    span = rng.normal(4.0, 3.0, n)
+    return RowLogits(span_score=span, runner_up=np.where(rng.random(n) < 0.05, np.nan, span - rng.exponential(2.0, n)),
+                     null_score=rng.normal(3.0, 4.0, n), log_norm=span + rng.exponential(1.5, n))
+
+
+def planted_labels(rng, logits: RowLogits, bias: float, p_true: np.ndarray):
+    """has_answer and span F1 such that each row is right with probability p_true."""
+    right = rng.random(len(p_true)) < p_true
+    null = calibrate.is_null(logits, bias)
+    has_answer = np.where(null, ~right, True)  # a null answer is right iff the question is unanswerable
+    span_f1 = np.where(right, 1.0, 0.0)
+    return has_answer, span_f1
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.floats(-1.5, 1.5), min_size=4, max_size=4), st.floats(-1.0, 1.0), st.integers(0, 2**31))
+def test_fit_recovers_a_known_logistic_law(weights, intercept, seed):
+    rng = np.random.default_rng(seed)
+    bias = -1.0
+    train, test = synthetic_logits(rng, 40_000), synthetic_logits(rng, 40_000)
+    x_train = calibrate.features(train, bias)
+    mean, scale = x_train.mean(0), x_train.std(0)
+
+    def law(lg):  # the true probability of a right answer, logistic in the standardised features
+        return calibrate._sigmoid(intercept + ((calibrate.features(lg, bias) - mean) / scale) @ np.array(weights))
+
+    has, f1 = planted_labels(rng, train, bias, law(train))
+    cal = calibrate.fit(train, has, f1, bias, model={"id": "m"}, options={}, confidence_before=np.full(len(f1), 0.5),
+                        null_before=np.zeros(len(f1), bool), fitted_on={})
+    p_true, p_fit = law(test), cal.probability(test)
+    assert np.max(np.abs(p_fit - p_true)) < 0.06
+    has_t, f1_t = planted_labels(rng, test, bias, p_true)
+    right = calibrate.correct(calibrate.is_null(test, bias), has_t, f1_t)
+    assert calibrate.ece(p_fit, right) < 0.02
+    # the uncalibrated softmax share follows another law: it is measurably off (the test can fail)
+    assert calibrate.ece(np.full(len(right), 0.99), right) > 0.2
+
+
+def test_ece_and_brier_by_hand():
+    conf = np.array([0.05, 0.15, 0.95, 0.95, 1.0])
+    right = np.array([0, 1, 1, 0, 1])
+    # bins: [0,.1): 0.05 vs 0; [.1,.2): 0.15 vs 1; [.9,1]: mean .9667 vs 2/3
+    expected = (0.05 + 0.85 + 3 * abs(2.9 / 3 - 2 / 3)) / 5
+    assert calibrate.ece(conf, right) == pytest.approx(expected)
+    assert calibrate.brier(conf, right) == pytest.approx(np.mean((conf - right) ** 2))
+    assert [b["rows"] for b in calibrate.reliability(conf, right)] == [1, 1, 3]
+
+
+def qa_output(path, rng: np.random.Generator, n: int = 300, model=None, options=None):
+    """An answers table as qa-batch writes it (metadata included), all rows answered (no --allow-null)."""
+    span = rng.normal(5.0, 2.0, n)
+    null = span + rng.normal(0.0, 3.0, n)
+    words = ["alpha", "beta", "gamma", "delta"]
+    answer = [words[i % 4] for i in range(n)]
+    meta = {"model": model or {"id": "m", "revision": "sha256:abc"},
+            "options": {"max_seq_len": 384, "doc_stride": 128, "max_answer_len": 30, "truncate_question": False,
+                        "max_question_len": 64, "dtype": "auto", "quantize": "none", **(options or {})},
+            "dtype": "float32"}
+    table = pa.table({
+        "id": [f"q{i}" for i in range(n)], "answer": answer,
+        "score": pa.array(span, pa.float32()), "confidence": pa.array(rng.uniform(0, 1, n), pa.float32()),
+        "null_score": pa.array(null, pa.float32()),
+        "runner_up_score": pa.array(span - rng.exponential(1.0, n), pa.float32()),
+        "log_norm": pa.array(span + rng.exponential(1.0, n), pa.float32()),
+    }).replace_schema_metadata({b"qa_batch": json.dumps(meta).encode()})
+    pq.write_table(table, path)
+    return path
+
+
+def test_null_bias_is_evals_best_f1_threshold(tmp_path):
+    rng = np.random.default_rng(7)
+    answers = qa_output(tmp_path / "a.parquet", rng)
+    t = pq.read_table(answers)
+    span, null = np.array(t["score"].to_pylist()), np.array(t["null_score"].to_pylist())
+    answerable = rng.random(len(span)) < 1 / (1 + np.exp((null - span) / 2))
+    gold = [([a] if rng.random() < 0.7 else ["epsilon"]) if ok else []
+            for a, ok in zip(t["answer"].to_pylist(), answerable)]
+    pq.write_table(pa.table({"id": t["id"], "answers": pa.array(gold, pa.list_(pa.string()))}), tmp_path / "g.parquet")
+    r = run_cli("eval", answers, tmp_path / "g.parquet", "--fit-calibration", tmp_path / "cal.json",
+                "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert cal["null_bias"] == pytest.approx(report["best_f1_threshold"], abs=1e-4)
+    # applying the bias gives eval's best F1 (the decision and the threshold agree exactly)
+    assert cal["metrics"]["after"]["f1"] == pytest.approx(report["best_f1"], abs=1e-6)
+    assert report["calibration"]["after"]["f1"] == pytest.approx(report["best_f1"], abs=1e-6)
+    assert cal["model"] == {"id": "m", "revision": "sha256:abc"}
+    assert cal["options"]["dtype"] == "float32" and cal["options"]["max_seq_len"] == 384
+    assert cal["fitted_on"]["rows"] == len(span) and len(cal["fitted_on"]["ids"]) == len(span)
+    assert "ECE" in r.stdout and "fitted calibration" in r.stdout
+    # the fit on these rows is calibrated (in-sample), and at least as well as before
+    assert cal["metrics"]["after"]["ece"] < 0.08
+    assert cal["metrics"]["after"]["brier"] <= cal["metrics"]["null_bias_only"]["brier"]
+
+
+def test_fit_needs_every_rows_best_span(tmp_path):
+    rng = np.random.default_rng(1)
+    answers = qa_output(tmp_path / "a.parquet", rng, n=20)
+    t = pq.read_table(answers)
+    meta = pq.read_metadata(answers).metadata
+    nulled = t.set_column(1, "answer", pa.array([None] * 3 + t["answer"].to_pylist()[3:], pa.string()))
+    pq.write_table(nulled.replace_schema_metadata({b"qa_batch": meta[b"qa_batch"]}), answers)
+    pq.write_table(pa.table({"id": t["id"], "answers": pa.array([[] for _ in range(20)], pa.list_(pa.string()))}),
+                   tmp_path / "g.parquet")
+    r = run_cli("eval", answers, tmp_path / "g.parquet", "--fit-calibration", tmp_path / "cal.json")
+    assert r.returncode == 2 and "3 rows" in r.stderr and "--top-k 2" in r.stderr
+    assert not (tmp_path / "cal.json").exists()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, checkpoints):
+    """A real run of the sample with a tiny model (every row keeps its best span), and a
+    calibration fitted on it against the sample's gold answers."""
+    d = tmp_path_factory.mktemp("calibrated")
+    sample = str(shutil.copy(SAMPLE, d / "sample.parquet"))
+    model = checkpoints["bert"]
+    common = ["--model", model, "--max-seq-len", 128, "--doc-stride", 32, "--top-k", 2]
+    r = run_cli("run", sample, "-o", d / "plain.parquet", *common)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", d / "plain.parquet", sample, "--fit-calibration", d / "cal.json")
+    assert r.returncode == 0, r.stderr
+    return {"dir": d, "sample": sample, "model": model, "common": common,
+            "cal": json.loads((d / "cal.json").read_text())}
+
+
+def test_run_with_a_calibration_changes_only_confidence_and_null_decisions(fitted):
+    d, cal = fitted["dir"], fitted["cal"]
+    assert cal["null_bias"] is not None  # the sample has unanswerable questions
+    r = run_cli("run", fitted["sample"], "-o", d / "calibrated.parquet", *fitted["common"],
+                "--calibration", d / "cal.json")
+    assert r.returncode == 0, r.stderr
+    # the same null decisions, made by hand with the bias as --null-threshold
+    r = run_cli("run", fitted["sample"], "-o", d / "threshold.parquet", *fitted["common"], "--allow-null",
+                "--null-threshold", repr(cal["null_bias"]))
+    assert r.returncode == 0, r.stderr
+    calibrated, by_hand = pq.read_table(d / "calibrated.parquet"), pq.read_table(d / "threshold.parquet")
+    plain = pq.read_table(d / "plain.parquet")
+    for col in calibrated.column_names:
+        if col not in ("confidence", "answers"):
+            assert calibrated[col].to_pylist() == by_hand[col].to_pylist(), col
+    for a, b in zip(calibrated["answers"].to_pylist(), by_hand["answers"].to_pylist()):
+        assert [(x["text"], x["start"], x["end"], x["score"]) for x in a] == \
+               [(x["text"], x["start"], x["end"], x["score"]) for x in b]
+    # against the run without null answers: every answered row keeps its span and raw scores
+    for c, p in zip(calibrated.to_pylist(), plain.to_pylist()):
+        assert (c["null_score"], c["runner_up_score"], c["log_norm"]) == (p["null_score"], p["runner_up_score"],
+                                                                          p["log_norm"])
+        if c["answer"] is not None:
+            assert (c["answer"], c["answer_start"], c["score"]) == (p["answer"], p["answer_start"], p["score"])
+        else:
+            assert p["null_score"] - p["score"] > cal["null_bias"] and c["score"] == c["null_score"]
+    # confidence is the calibrator's probability, not the softmax share
+    logits = RowLogits(span_score=[a[0]["score"] for a in calibrated["answers"].to_pylist()],
+                       runner_up=calibrated["runner_up_score"].to_pylist(),
+                       null_score=calibrated["null_score"].to_pylist(),
+                       log_norm=calibrated["log_norm"].to_pylist())
+    expected = calibrate.load(str(d / "cal.json")).probability(logits)
+    np.testing.assert_allclose(calibrated["confidence"].to_numpy(), expected, rtol=1e-5)
+    assert calibrated["confidence"].to_pylist() != by_hand["confidence"].to_pylist()
+    # recorded in the metadata; and eval's offline application gives the run's own figures
+    meta = json.loads(pq.read_metadata(d / "calibrated.parquet").metadata[b"qa_batch"])
+    assert meta["calibration"]["null_bias"] == cal["null_bias"] and meta["calibration"]["digest"].startswith("sha256:")
+    assert meta["options"]["calibration"] == str(d / "cal.json")
+    offline = evaluate(str(d / "plain.parquet"), fitted["sample"])
+    from pipeline.evaluate import apply_calibration
+
+    apply_calibration(offline, calibrate.load(str(d / "cal.json")), "cal.json", str(d / "plain.parquet"))
+    ran = evaluate(str(d / "calibrated.parquet"), fitted["sample"])
+    assert ran.ece == pytest.approx(offline.calibration["after"]["ece"], abs=1e-4)
+    assert ran.f1 == pytest.approx(offline.calibration["after"]["f1"], abs=1e-3)
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--max-seq-len", 96], "--max-seq-len 96, fitted with 128"),
+    (["--doc-stride", 16], "--doc-stride 16, fitted with 32"),
+    (["--quantize", "int8", "--device", "cpu"], "--quantize int8, fitted with none"),
+    (["--null-threshold", 1.5], "drop --null-threshold"),
+    ("other model", "fitted for"),
+])
+def test_a_calibration_for_another_run_is_refused(fitted, checkpoints, tmp_path, change, named):
+    d = fitted["dir"]
+    args = ["run", fitted["sample"], "-o", tmp_path / "refused.parquet", *fitted["common"],
+            "--calibration", d / "cal.json"]
+    if change == "other model":
+        args[args.index(fitted["model"])] = checkpoints["distilbert"]
+    else:
+        args = args[:-2] + list(change) + args[-2:]  # later options override: --max-seq-len 96 wins
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert named in r.stderr and not (tmp_path / "refused.parquet").exists()
+    if change != ["--null-threshold", 1.5]:
+        assert "--force-calibration" in r.stderr
+    if change in ("other model", ["--max-seq-len", 96]):
+        r = run_cli(*args, "--force-calibration")
+        assert r.returncode == 0, r.stderr
+        meta = json.loads(pq.read_metadata(tmp_path / "refused.parquet").metadata[b"qa_batch"])
+        assert meta["calibration"]["path"] == str(d / "cal.json")
+
+
+def test_not_a_calibration_file_exits_2(tmp_path, fitted):
+    (tmp_path / "x.json").write_text('{"weights": [1]}')
+    r = run_cli("run", fitted["sample"], "-o", tmp_path / "o.parquet", "--model", fitted["model"],
+                "--calibration", tmp_path / "x.json")
+    assert r.returncode == 2 and "not a qa-batch calibration" in r.stderr
