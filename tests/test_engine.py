@@ -213,3 +213,37 @@ def test_top_k_confidences_and_null_sum_to_at_most_one(tmp_path, bert_tokenizer)
     null_share = np.exp(row["null_score"] - row["score"]) * row["confidence"]
     assert len(row["answers"]) == 5
     assert 0.9 < sum(a["confidence"] for a in row["answers"]) + null_share <= 1.0 + 1e-6
+
+
+class AllocatingOOMModel(PlantedModel):
+    """Allocates activations, then runs out of memory for larger batches, as a real forward does."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.alive_at_retry: list[bool] = []
+        self._refs: list = []
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        import weakref
+
+        # at every call, are the activations of earlier failed forwards still held?
+        self.alive_at_retry.append(any(ref() is not None for ref in self._refs))
+        if input_ids.shape[0] > self.oom_above:
+            activations = torch.empty(input_ids.shape[0], 1024)
+            self._refs.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (after allocating activations)")
+        return super().forward(input_ids, attention_mask, token_type_ids)
+
+
+def test_out_of_memory_retry_runs_after_the_failed_forward_is_freed(tmp_path, bert_tokenizer):
+    """Regression: retrying inside `except` kept the failed forward's tensors alive (its traceback)."""
+    texts = [passage_with_answer_at(bert_tokenizer, 300, i * 5)[0] for i in range(6)]
+    base = planted(bert_tokenizer)
+    model = AllocatingOOMModel(base.model.start_id, base.model.end_id, base.model.cls_id, oom_above=2)
+    loaded = planted(bert_tokenizer)
+    loaded.model = model
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, texts, ["q?"] * 6, loaded=loaded, batch_size=8,
+                              max_seq_len=96, doc_stride=16)
+    assert summary.oom_splits > 0 and len(model.alive_at_retry) > summary.oom_splits
+    assert not any(model.alive_at_retry)
+    assert all(r["answer"] == "alpha beta gamma omega" for r in rows)
