@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import UsageError
 from .merge import RowAnswer
 from .read import InputPlan, RowBatch
 
@@ -45,8 +46,11 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
         fields.append(pa.field("answers", pa.list_(ANSWER_STRUCT)))
     taken = {f.name for f in fields}
     for name, t in zip(plan.keep_columns, plan.keep_types):
+        if name in (plan.id_col, plan.question_col) and name in taken:
+            continue  # already there, with the same values
         if name in taken:
-            continue  # already there (the id or the question)
+            raise UsageError(f"--keep-columns {name}: the output has a column {name!r} of its own, so the input's "
+                             "would be lost; rename that input column, or leave it out of --keep-columns")
         fields.append(pa.field(name, t.value_type if pa.types.is_dictionary(t) else t))
     return pa.schema(fields)
 

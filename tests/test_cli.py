@@ -216,6 +216,8 @@ def test_bad_input_exits_2_before_model_work(tmp_path, case):
     (["--device", "tpu"], "--device"),
     (["--dtype", "int4"], "--dtype"),
     (["-o", "{tmp}/missing-dir/out.parquet"], "does not exist"),
+    # the sample has an 'answers' column: the output's own 'answers' (--top-k) would replace it
+    (["--keep-columns", "answers", "--top-k", "2"], "--keep-columns answers: the output has a column 'answers'"),
 ])
 def test_bad_options_exit_2(tmp_path, sample, bert_dir, args, expected):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
