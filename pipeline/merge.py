@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .answers import Answer, RowAnswer
 from .chunk import ChunkSet
 
 
@@ -45,32 +46,6 @@ class WindowSpans:
             np.full((n_chunks, k), -np.inf, np.float32),
             np.zeros(n_chunks, np.float32), np.full(n_chunks, -np.inf, np.float32),
         )
-
-
-@dataclass
-class Answer:
-    text: str
-    start: int  # character offsets into the passage: passage[start:end] == text
-    end: int
-    score: float
-    confidence: float
-
-
-@dataclass
-class RowAnswer:
-    """What the output says about one row."""
-
-    answer: Answer | None  # None: no answer (null, or an error)
-    score: float | None  # the chosen answer's logit sum (the null score for a null answer)
-    confidence: float | None
-    null_score: float | None  # min over chunks of the CLS start + end logits
-    chunks: int
-    error: str | None
-    top: list[Answer]  # best distinct spans, best first (only filled for top_k > 1)
-    # What a calibration reads (calibrate.py), also for null answers:
-    span_score: float | None = None  # the best span's logit sum, chosen or not
-    runner_up_score: float | None = None  # the best distinct span after it (None: there is none)
-    log_norm: float | None = None  # logsumexp of every candidate span's score (the null candidate excluded)
 
 
 def merge_window(

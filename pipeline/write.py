@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .errors import UsageError
-from .merge import RowAnswer
+from .answers import RowAnswer
 from .read import InputPlan, RowBatch
 
 ANSWER_STRUCT = pa.struct([
