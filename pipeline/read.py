@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import storage
@@ -27,6 +28,7 @@ class InputPlan:
     id_col: str | None  # None: rows are identified by their 0-based row number
     keep_columns: tuple[str, ...]
     total_rows: int  # from the Parquet footers
+    file_rows: tuple[int, ...]  # rows of each file, from its footer (read once, here)
     id_type: pa.DataType | None
     keep_types: tuple[pa.DataType, ...]
 
@@ -45,13 +47,17 @@ class RowBatch:
         return len(self.questions)
 
 
-def _is_input(name: str) -> bool:
-    return name.endswith(".parquet") and not name.startswith((".", "_"))
-
-
-def _in_skipped_folder(relative: str) -> bool:
-    # hidden folders, and qa-batch's own work directories of parts, are not input
-    return any(d.startswith((".", "_")) or d.endswith(".partial") for d in relative.split("/")[:-1])
+def directory_inputs(spec: str) -> list[str]:
+    """Every *.parquet below a directory, sorted. pyarrow's dataset discovery skips names
+    that start with '.' or '_' at any depth (hidden files, _SUCCESS, _temporary/ ...);
+    qa-batch's own work directories of parts (*.partial/) are skipped too."""
+    fs, path = storage.locate(spec)
+    # an empty schema: list the files without opening any of them
+    found = ds.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=[".", "_"], schema=pa.schema([])).files
+    base = path.rstrip("/") + "/"
+    relative = [f[len(base):] if f.startswith(base) else f.rsplit("/", 1)[-1] for f in found]
+    return sorted(storage.join(spec, *r.split("/")) for r in relative
+                  if r.endswith(".parquet") and not any(d.endswith(".partial") for d in r.split("/")[:-1]))
 
 
 def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[str]:
@@ -70,8 +76,7 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[str]:
                     raise UsageError(f"input glob {spec!r} matches no file")
                 files.extend(matched)
             elif storage.is_dir(spec):
-                found = [f for f in storage.list_files(spec)
-                         if _is_input(storage.basename(f)) and not _in_skipped_folder(storage.relative(spec, f))]
+                found = directory_inputs(spec)
                 if not found:
                     raise UsageError(f"input directory {spec!r} holds no *.parquet file")
                 files.extend(found)
@@ -161,6 +166,7 @@ def plan_inputs(
         id_col=id_col,
         keep_columns=tuple(keep_columns),
         total_rows=sum(n for _, _, n in schemas),
+        file_rows=tuple(n for _, _, n in schemas),
         id_type=first_schema.field(id_col).type if id_col else None,
         keep_types=tuple(first_schema.field(c).type for c in keep_columns),
     )
@@ -222,9 +228,12 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
         pending, pending_rows = [], 0
         return batch
 
-    for path in plan.files:
+    for path, n_rows in zip(plan.files, plan.file_rows):
         if remaining <= 0:
             break
+        if skip >= n_rows:  # answered already: not even its footer is read again
+            skip -= n_rows
+            continue
         try:
             pf = open_parquet(path)
             groups = list(range(pf.metadata.num_row_groups))

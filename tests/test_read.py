@@ -61,3 +61,30 @@ def test_directories_skip_hidden_folders_and_work_directories(tmp_path):
         write_parquet(path, {"passage": ["p"], "question": ["q"]})
     found = [os.path.relpath(f, tmp_path / "in") for f in resolve_inputs([str(tmp_path / "in")])]
     assert found == ["a.parquet", os.path.join("sub", "b.parquet")]
+
+
+def test_a_resume_point_skips_whole_files_without_reading_them(tmp_path, monkeypatch):
+    """Each file's row count comes from the plan (its footer read once), not from reopening it."""
+    import pipeline.read as read
+
+    for i in range(4):
+        pq.write_table(pa.table({"passage": [f"p{i}-{j}" for j in range(5)], "question": ["q"] * 5}),
+                       tmp_path / f"f{i}.parquet")
+    plan = read.plan_inputs((str(tmp_path),), "passage", "question", None)
+    assert plan.file_rows == (5, 5, 5, 5)
+    opened = []
+    real = read.open_parquet
+    monkeypatch.setattr(read, "open_parquet", lambda path: opened.append(path) or real(path))
+    rows = [p for w in read.read_windows(plan, 4, None, 12) for p in w.passages]
+    assert rows == ["p2-2", "p2-3", "p2-4", "p3-0", "p3-1", "p3-2", "p3-3", "p3-4"]
+    assert [os.path.basename(p) for p in opened] == ["f2.parquet", "f3.parquet"]
+
+
+def test_directory_discovery_skips_hidden_underscore_and_work_folders(tmp_path):
+    from pipeline.read import directory_inputs
+
+    for name in ["a.parquet", "_SUCCESS", "_b.parquet", ".c.parquet", "notes.txt", ".hidden/d.parquet",
+                 "_temporary/e.parquet", "x.answers.parquet.partial/part-000000000000.parquet", "sub/f.parquet"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert directory_inputs(str(tmp_path)) == [str(tmp_path / "a.parquet"), str(tmp_path / "sub" / "f.parquet")]
