@@ -165,7 +165,7 @@ def evaluate(answers_path: str, gold_path: str, id_col: str = "id", gold_col: st
                                   "--allow-null, or with --top-k 2, to search the threshold over every row")
         idx = [i for i, u in enumerate(usable) if u]
         base = sum(not has[i] for i in idx)  # every row null: unanswerable rows right
-        for metric, values in (("exact", span_em), ("f1", span_f1)):
+        for metric, values in (("exact", span_em), ("f1", span_f1)) if idx else ():  # no scores: no search
             gains = [values[i] - (0.0 if has[i] else 1.0) for i in idx]
             curve = [(t, 100.0 * total / max(len(idx), 1))
                      for t, total in threshold_curve([margins[i] for i in idx], gains, base)]

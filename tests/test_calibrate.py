@@ -224,3 +224,13 @@ def test_not_a_calibration_file_exits_2(tmp_path, fitted):
     r = run_cli("run", fitted["sample"], "-o", tmp_path / "o.parquet", "--model", fitted["model"],
                 "--calibration", tmp_path / "x.json")
     assert r.returncode == 2 and "not a qa-batch calibration" in r.stderr
+
+
+def test_eval_of_answers_without_scores_searches_no_threshold(tmp_path):
+    """Answers with no scores (e.g. another system's): F1 and no threshold, rather than a best F1 of 0."""
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["x", None]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answers": pa.array([["x"], []], pa.list_(pa.string()))}),
+                   tmp_path / "g.parquet")
+    rep = evaluate(str(tmp_path / "a.parquet"), str(tmp_path / "g.parquet"))
+    assert rep.f1 == 100.0 and rep.best_f1 is None and rep.ece is None
+    assert "lack a best span" in rep.threshold_note

@@ -1,0 +1,266 @@
+"""Answer quality with a trained model: qa-batch, the old pipeline, the faster paths, calibration.
+
+    python benchmarks/quality.py                   # everything below on the CPU; tables on stdout
+    python benchmarks/quality.py --append          # also append them to BENCHMARKS.md
+
+The model is `../shared/models/minilm-squad2` (trained weights: random ones give near-tie
+logits, which say little about answers), the data the two SQuAD 2.0 dev articles of
+`../shared/data/squad_v2_dev_2articles.json` in two settings: **paragraphs** (each question
+asked of its own paragraph, one chunk) and **articles** (of its whole article, paragraphs
+joined: about 22 chunks a row). Every run uses max_seq_len 384, stride 128, answers of at
+most 30 tokens and allows "no answer"; everything is scored by `qa-batch eval` (official
+SQuAD 2.0 EM/F1, split into has-answer and no-answer rows).
+
+1. qa-batch float32 (`--allow-null --top-k 2`: the second span changes nothing but lets
+   eval search the null threshold and fit a calibration over every row).
+2. The old transformers 5.2 `QuestionAnsweringPipeline` on the same model, inputs and
+   lengths (`handle_impossible_answer=True`, its default `align_to_words=True`), in its own
+   environment (`--ref-python`), scored the same way.
+3. Each `--variants` entry (faster paths: `--dtype bfloat16`, `--quantize int8`): F1 and
+   the share of rows whose answer (span or null) is the float32 answer.
+4. Calibration, per setting: `qa-batch eval --fit-calibration` on one article, then
+   `qa-batch eval --calibration` on the other (ECE, Brier and F1 before and after), and the
+   reverse; on paragraphs `qa-batch run --calibration` is also run on the held-out article
+   and must give the figures eval computed offline.
+
+Quality figures are not timing-sensitive: others may use the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared")
+DEFAULT_MODEL = os.path.join(SHARED, "models", "minilm-squad2")
+DEFAULT_SQUAD = os.path.join(SHARED, "data", "squad_v2_dev_2articles.json")
+LENGTHS = ["--max-seq-len", "384", "--doc-stride", "128", "--max-answer-len", "30"]
+SETTINGS = ("paragraphs", "articles")
+
+
+def qa_batch(args: argparse.Namespace, *cli: str) -> subprocess.CompletedProcess:
+    """`qa-batch ...` as a user runs it, from --qa-root (a clean checkout keeps long runs safe)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": args.qa_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", *cli], capture_output=True, text=True, env=env,
+                       cwd=args.qa_root)
+    if r.returncode != 0:
+        raise SystemExit(f"qa-batch {' '.join(cli[:1])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def evaluate(args, answers: str, gold: str, *extra: str) -> dict:
+    out = answers + ".eval.json"
+    qa_batch(args, "eval", answers, gold, "--json", out, *extra)
+    with open(out) as f:
+        return json.load(f)
+
+
+def build_inputs(args) -> dict[str, str]:
+    from pipeline.squad import convert
+
+    gold = {}
+    for setting in SETTINGS:
+        path = os.path.join(args.work, f"gold-{setting}.parquet")
+        if not os.path.exists(path):
+            convert(args.squad, path, join_article=setting == "articles")
+        gold[setting] = path
+    return gold
+
+
+def run_qa_batch(args, setting: str, gold: str, name: str, extra: list[str]) -> str:
+    out = os.path.join(args.work, f"answers-{setting}-{name}.parquet")
+    if not (args.reuse and os.path.exists(out)):
+        qa_batch(args, "run", gold, "-o", out, "--overwrite", "--quiet", "--model", args.model, "--device", "cpu",
+                 "--allow-null", "--top-k", "2", "--keep-columns", "title", *LENGTHS, *extra)
+    return out
+
+
+def run_reference(args, setting: str, gold: str) -> str:
+    """The old pipeline's answers as a qa-batch-like table (id, title, answer, offsets, score)."""
+    out = os.path.join(args.work, f"answers-{setting}-old.parquet")
+    if args.reuse and os.path.exists(out):
+        return out
+    cmd = [args.ref_python, os.path.join(HERE, "reference_pipeline.py"), args.model, gold, "--batch-size", "8",
+           "--handle-impossible-answer", "--align-to-words", *LENGTHS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"the old pipeline failed:\n{r.stderr[-3000:]}")
+    ref = json.loads(r.stdout.strip().splitlines()[-1])
+    g = pq.read_table(gold)
+    null = [t == "" for t in ref["texts"]]
+    pq.write_table(pa.table({
+        "id": g["id"], "title": g["title"],
+        "answer": pa.array([None if n else t for t, n in zip(ref["texts"], null)], pa.large_string()),
+        "answer_start": pa.array([None if n else s for (s, _), n in zip(ref["answers"], null)], pa.int64()),
+        "answer_end": pa.array([None if n else e for (_, e), n in zip(ref["answers"], null)], pa.int64()),
+        "old_pipeline_score": pa.array(ref["scores"], pa.float32()),
+    }), out)
+    return out
+
+
+def spans(path: str) -> list[tuple]:
+    t = pq.read_table(path, columns=["id", "answer_start", "answer_end"])
+    return list(zip(t["id"].to_pylist(), t["answer_start"].to_pylist(), t["answer_end"].to_pylist()))
+
+
+def same_span(a: str, b: str) -> float:
+    """Share of rows with the same answer: the same character span, or both null."""
+    x, y = spans(a), spans(b)
+    assert [r[0] for r in x] == [r[0] for r in y], "row order differs"
+    return sum(p == q for p, q in zip(x, y)) / max(len(x), 1)
+
+
+def split_by_title(path: str, title: str, out: str) -> str:
+    """The rows of one article, keeping the file's qa-batch metadata (model, options)."""
+    t = pq.read_table(path)
+    meta = pq.read_metadata(path).metadata or {}
+    kept = {k: v for k, v in meta.items() if k == b"qa_batch"}
+    pq.write_table(t.filter(pc.equal(t["title"], title)).replace_schema_metadata(kept or None), out)
+    return out
+
+
+def quality(args, gold: dict) -> dict:
+    results = {}
+    for setting in args.settings:
+        res = results[setting] = {}
+        base = run_qa_batch(args, setting, gold[setting], "float32", [])
+        res["qa-batch"] = evaluate(args, base, gold[setting])
+        if args.ref_python:
+            old = run_reference(args, setting, gold[setting])
+            res["old pipeline"] = evaluate(args, old, gold[setting])
+            res["old pipeline"]["same_span_as_qa_batch"] = same_span(old, base)
+        for variant in args.variants:
+            name = variant.strip("-").replace(" ", "-")
+            path = run_qa_batch(args, setting, gold[setting], name, variant.split())
+            res[variant] = evaluate(args, path, gold[setting])
+            res[variant]["same_span_as_float32"] = same_span(path, base)
+    return results
+
+
+def calibration(args, gold: dict) -> dict:
+    results = {}
+    for setting in args.settings:
+        answers = os.path.join(args.work, f"answers-{setting}-float32.parquet")
+        titles = sorted(set(pq.read_table(gold[setting], columns=["title"])["title"].to_pylist()))
+        parts = {}
+        for t in titles:
+            parts[t] = (split_by_title(answers, t, os.path.join(args.work, f"answers-{setting}-{t}.parquet")),
+                        split_by_title(gold[setting], t, os.path.join(args.work, f"gold-{setting}-{t}.parquet")))
+        res = results[setting] = []
+        for fit_on in titles:
+            for test_on in titles:
+                if test_on == fit_on:
+                    continue
+                cal = os.path.join(args.work, f"calibration-{setting}-{fit_on}.json")
+                qa_batch(args, "eval", *parts[fit_on], "--fit-calibration", cal)
+                with open(cal) as f:
+                    fitted = json.load(f)
+                held_out = evaluate(args, *parts[test_on], "--calibration", cal,
+                                    "--plot", os.path.join(args.work, f"reliability-{setting}-{test_on}.png"))
+                row = {"fit_on": fit_on, "test_on": test_on, "fit_rows": fitted["fitted_on"]["rows"],
+                       "null_bias": fitted["null_bias"], "fit": fitted["metrics"],
+                       "test_rows": held_out["rows_matched"], "test": held_out["calibration"]}
+                if setting == "paragraphs":  # the run path must give what eval computed offline
+                    out = os.path.join(args.work, f"answers-{setting}-{test_on}-calibrated.parquet")
+                    qa_batch(args, "run", parts[test_on][1], "-o", out, "--overwrite", "--quiet", "--model",
+                             args.model, "--device", "cpu", "--top-k", "2", *LENGTHS, "--calibration", cal)
+                    ran = evaluate(args, out, parts[test_on][1])
+                    row["run_with_calibration"] = {"ece": ran["ece"], "brier": ran["brier"], "f1": ran["f1"]}
+                res.append(row)
+    return results
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def markdown(quality_res: dict, cal_res: dict, args) -> str:
+    lines = [f"### {args.device_name}, {dt.date.today().isoformat()} (commit {args.commit})", ""]
+    if quality_res:
+        lines += ["| setting | system | EM | F1 | HasAns EM / F1 | NoAns EM | best F1 (threshold) | "
+                  "same span as float32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for setting, res in quality_res.items():
+            for system, r in res.items():
+                same = r.get("same_span_as_float32")
+                best = (f"{r['best_f1']:.2f} ({r['best_f1_threshold']:.2f})" if r.get("best_f1") is not None
+                        else "—")
+                lines.append(
+                    f"| {setting} | {'qa-batch float32' if system == 'qa-batch' else system} | {pct(r['exact'])} | "
+                    f"{pct(r['f1'])} | {pct(r['has_answer']['exact'])} / {pct(r['has_answer']['f1'])} | "
+                    f"{pct(r['no_answer']['exact'])} | {best} | "
+                    f"{'—' if same is None else f'{100 * same:.1f}%'} |")
+        lines.append("")
+    if cal_res:
+        lines += ["| setting | fit on (rows) | evaluated on (rows) | null bias | ECE before → after | "
+                  "Brier before → after | F1 before → after | ECE after, `run --calibration` |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for setting, rows in cal_res.items():
+            for r in rows:
+                b, a = r["test"]["before"], r["test"]["after"]
+                ran = r.get("run_with_calibration")
+                lines.append(
+                    f"| {setting} | {r['fit_on']} ({r['fit_rows']}) | {r['test_on']} ({r['test_rows']}) | "
+                    f"{pct(r['null_bias'])} | {b['ece']:.3f} → {a['ece']:.3f} | {b['brier']:.3f} → {a['brier']:.3f} | "
+                    f"{b['f1']:.2f} → {a['f1']:.2f} | {'—' if ran is None else format(ran['ece'], '.3f')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--squad", default=DEFAULT_SQUAD)
+    ap.add_argument("--work", default=os.path.join(HERE, "work", "quality"))
+    ap.add_argument("--settings", default="paragraphs,articles")
+    ap.add_argument("--variants", default="--dtype bfloat16;--quantize int8",
+                    help="faster paths, ';'-separated qa-batch run options")
+    ap.add_argument("--ref-python", default=os.path.join(HERE, "work", "ref-venv", "bin", "python"),
+                    help="Python of an environment with transformers==5.2.0 ('' to skip the old pipeline)")
+    ap.add_argument("--qa-root", default=ROOT, help="checkout whose qa-batch runs (default: this one)")
+    ap.add_argument("--steps", default="quality,calibration")
+    ap.add_argument("--reuse", action="store_true", help="keep answers already in --work")
+    ap.add_argument("--append", action="store_true", help="append the tables to BENCHMARKS.md")
+    ap.add_argument("--results", default=os.path.join(HERE, "results", "quality-cpu.json"))
+    args = ap.parse_args()
+    args.settings = [s for s in args.settings.split(",") if s]
+    args.variants = [v.strip() for v in args.variants.split(";") if v.strip()]
+    if args.ref_python and not os.path.exists(args.ref_python):
+        raise SystemExit(f"--ref-python {args.ref_python} does not exist: make it (BENCHMARKS.md, How to run) "
+                         "or pass --ref-python '' to skip the old pipeline")
+    os.makedirs(args.work, exist_ok=True)
+    args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=args.qa_root).stdout.strip() or "unknown"
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU")
+    args.device_name = f"CPU {model}, {os.cpu_count()} cores"
+    gold = build_inputs(args)
+    steps = args.steps.split(",")
+    q = quality(args, gold) if "quality" in steps else {}
+    c = calibration(args, gold) if "calibration" in steps else {}
+    text = markdown(q, c, args)
+    print(text)
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
+        json.dump({"device": args.device_name, "commit": args.commit, "date": dt.date.today().isoformat(),
+                   "quality": q, "calibration": c}, f, indent=2)
+    if args.append:
+        with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
+            f.write("\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
