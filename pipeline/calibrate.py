@@ -23,7 +23,10 @@ into one:
    - gap: span_score - runner_up_score, the lead of the best span over the best distinct
      other span (capped at GAP_CAP; the cap when there is no other span).
 
-Everything here is plain numpy: the fit is Newton's method (IRLS) with a small L2 penalty.
+Everything here is plain numpy: the fit is Newton's method (IRLS) with an L2 penalty whose
+strength is chosen by 5-fold cross-validation on the labelled rows (held-out log-loss): on a
+small sample whose features say little, a strong penalty pulls the calibrator towards the
+sample's share of right answers instead of fitting noise (measured in BENCHMARKS.md).
 Expected calibration error (ECE) and Brier score measure the result.
 """
 
@@ -41,6 +44,7 @@ from .errors import UsageError
 
 FORMAT = "qa-batch-calibration/1"
 FEATURES = ("share", "margin", "is_null", "gap")
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 GAP_CAP = 20.0  # logits: beyond this the runner-up no longer matters
 MARGIN_CAP = 40.0
 # Options that change the logits a calibration reads; a run with other values is refused.
@@ -120,6 +124,26 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
     return float(w[0]), w[1:], mean, scale
 
 
+def choose_l2(x: np.ndarray, y: np.ndarray, grid=L2_GRID, folds: int = 5, seed: int = 0) -> float:
+    """The penalty of the grid with the least held-out log-loss over `folds` folds (fixed seed:
+    the same rows give the same calibration)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(y) < 2 * folds:
+        return max(grid)
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), folds)
+    losses = []
+    for l2 in grid:
+        loss = 0.0
+        for held in parts:
+            train = np.ones(len(y), bool)
+            train[held] = False
+            intercept, w, mean, scale = fit_logistic(x[train], y[train], l2)
+            p = np.clip(_sigmoid(intercept + ((x[held] - mean) / scale) @ w), 1e-9, 1 - 1e-9)
+            loss -= float(np.sum(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
+        losses.append(loss)
+    return float(grid[int(np.argmin(losses))])  # the first (weakest) among equals
+
+
 def _sigmoid(t: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * t))  # no overflow warnings for large |t|
 
@@ -170,7 +194,7 @@ class Calibration:
     model: dict  # {"id", "revision"} of the model whose answers it was fitted on
     options: dict  # FITTED_OPTIONS as that run had them
     features: tuple[str, ...] = FEATURES
-    l2: float = 1.0
+    l2: float = 1.0  # the penalty cross-validation chose
     fitted_on: dict = field(default_factory=dict)  # answers, gold, rows, ids
     metrics: dict = field(default_factory=dict)  # on the fitted rows: before, null_bias_only, after
     created_at: str = ""
@@ -250,8 +274,9 @@ def load(path: str) -> Calibration:
 
 def fit(logits: RowLogits, has_answer: np.ndarray, span_f1: np.ndarray, null_bias: float | None, *,
         model: dict, options: dict, confidence_before: np.ndarray, null_before: np.ndarray,
-        fitted_on: dict, l2: float = 1.0, version: str = "") -> Calibration:
-    """Fit the calibrator under the given null bias (eval's best F1 threshold).
+        fitted_on: dict, l2: float | None = None, version: str = "") -> Calibration:
+    """Fit the calibrator under the given null bias (eval's best F1 threshold); l2 None: chosen
+    by cross-validation.
 
     `confidence_before` and `null_before` are the run's own confidence and null decisions, for
     the before/after metrics.
@@ -260,7 +285,9 @@ def fit(logits: RowLogits, has_answer: np.ndarray, span_f1: np.ndarray, null_bia
     span_f1 = np.asarray(span_f1, np.float64)
     null = is_null(logits, null_bias)
     y = correct(null, has_answer, span_f1)
-    intercept, w, mean, scale = fit_logistic(features(logits, null_bias), y, l2)
+    x = features(logits, null_bias)
+    l2 = choose_l2(x, y) if l2 is None else l2
+    intercept, w, mean, scale = fit_logistic(x, y, l2)
     cal = Calibration(null_bias=null_bias, intercept=intercept, weights=tuple(map(float, w)),
                       mean=tuple(map(float, mean)), scale=tuple(map(float, scale)), model=model,
                       options={k: options.get(k) for k in FITTED_OPTIONS}, l2=l2, fitted_on=fitted_on,

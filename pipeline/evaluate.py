@@ -236,7 +236,8 @@ def answers_metadata(answers_path: str) -> dict:
                          "output of qa-batch run") from None
 
 
-def fit_calibration(report: EvalReport, answers_path: str, gold_path: str, l2: float = 1.0) -> calibrate.Calibration:
+def fit_calibration(report: EvalReport, answers_path: str, gold_path: str,
+                    l2: float | None = None) -> calibrate.Calibration:
     """Fit a calibration on evaluated rows: the null bias is the report's best F1 threshold."""
     meta = answers_metadata(answers_path)
     rows, logits = _row_logits(report, "--fit-calibration")

@@ -57,6 +57,15 @@ def test_fit_recovers_a_known_logistic_law(weights, intercept, seed):
     assert calibrate.ece(np.full(len(right), 0.99), right) > 0.2
 
 
+def test_penalty_chosen_by_cross_validation():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4))
+    noise = (rng.random(300) < 0.55).astype(float)  # features say nothing: the base rate is the best guess
+    signal = (rng.random(300) < calibrate._sigmoid(3 * x[:, 0])).astype(float)
+    assert calibrate.choose_l2(x, noise) >= 100.0
+    assert calibrate.choose_l2(x, signal) <= 1.0
+
+
 def test_ece_and_brier_by_hand():
     conf = np.array([0.05, 0.15, 0.95, 0.95, 1.0])
     right = np.array([0, 1, 1, 0, 1])
