@@ -96,7 +96,8 @@ def run(
     max_batch_tokens: Optional[int] = typer.Option(None, show_default=False,
         help="Most padded tokens per forward pass. Default: batch size x max seq len.", rich_help_panel="Throughput"),
     cpu_workers: Optional[int] = typer.Option(None, show_default=False,
-        help="CPU only: batches run in parallel, one thread each. Default: one per core torch uses.", rich_help_panel="Throughput"),
+        help="CPU only: batches run in parallel, one thread each. Default: one per core torch uses. With --engine ray: "
+             "the number of CPU actors. Default: as many as the cluster holds.", rich_help_panel="Throughput"),
     rows_per_window: int = typer.Option(1024, help="Rows tokenized, length-sorted and merged together.", rich_help_panel="Throughput"),
     limit: Optional[int] = typer.Option(None, show_default=False, help="Answer only the first N rows.", rich_help_panel="Input and output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel="Input and output"),
@@ -107,10 +108,12 @@ def run(
                                "the output is then a directory of Parquet files.", rich_help_panel="Cluster"),
     ray_address: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="Ray cluster to join (e.g. auto); default: start a local Ray instance."),
-    num_gpus: int = typer.Option(0, rich_help_panel="Cluster",
-        help="With --engine ray: actors, one GPU each; 0 runs --cpu-workers CPU actors."),
+    num_gpus: str = typer.Option("auto", rich_help_panel="Cluster",
+        help="With --engine ray: GPU actors, one GPU each: auto (one per GPU of the cluster, and more as GPU "
+             "nodes join; CPU actors when it has none), N, or 0 for CPU actors."),
     num_cpus_per_worker: Optional[float] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
-        help="With --engine ray: CPUs reserved per actor. Default: 1 with GPUs, 0.5 without."),
+        help="With --engine ray: CPUs per actor; a CPU actor runs that many worker threads. Default: 1 with "
+             "GPUs; without, the smallest node's cores, at most 4."),
     rows_per_batch: Optional[int] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="With --engine ray: rows per actor task, in whole --rows-per-window windows, and per output "
              "file. Default: about four tasks per actor."),
@@ -141,7 +144,7 @@ def run(
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
-        engine=engine, ray_address=ray_address, num_gpus=num_gpus, num_cpus_per_worker=num_cpus_per_worker,
+        engine=engine, ray_address=ray_address, num_gpus=_gpus(num_gpus), num_cpus_per_worker=num_cpus_per_worker,
         rows_per_batch=rows_per_batch, calibration=calibration, force_calibration=force_calibration,
     )
     stop = threading.Event()
@@ -153,8 +156,10 @@ def run(
         received.append(signum)
         if len(received) > 1:
             os._exit(_exit_code(signum))
-        log.say("signal", f"{signal.Signals(signum).name}: finishing the batches in flight "
-                "(send it again to stop at once)", level="warning", signal=signal.Signals(signum).name)
+        doing = "cancelling the Ray job, keeping its finished shards" if engine == "ray" else \
+            "finishing the batches in flight"
+        log.say("signal", f"{signal.Signals(signum).name}: {doing} (send it again to stop at once)",
+                level="warning", signal=signal.Signals(signum).name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,7 +171,8 @@ def run(
         if engine == "ray":
             from pipeline.ray_engine import run_ray
 
-            summary = run_ray(config)
+            summary = run_ray(config, stop_requested=stop,
+                              on_plan=lambda plan: log.say("ray_plan", plan.line(), **plan.as_dict()))
         elif engine == "local":
             summary = run_engine(config, stop_requested=stop)
         else:
@@ -362,6 +368,16 @@ def summary(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(s, f, indent=2, default=str)
+
+
+def _gpus(value: str) -> Optional[int]:
+    """--num-gpus: auto (None) or a count."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give auto or a number of GPUs", param_hint="--num-gpus") from None
 
 
 def _exit_code(signum: int) -> int:

@@ -45,8 +45,8 @@ class RunConfig:
     report: str | None = None
     engine: str = "local"  # "ray": Ray Data actors (ray_engine.py)
     ray_address: str | None = None  # None: start a local Ray instance
-    num_gpus: int = 0  # with --engine ray: actors, one GPU each (0: CPU actors)
-    num_cpus_per_worker: float | None = None  # with --engine ray: CPUs reserved per actor
+    num_gpus: int | None = None  # with --engine ray: GPU actors, one GPU each; None (auto): one per GPU of the cluster; 0: CPU actors
+    num_cpus_per_worker: float | None = None  # with --engine ray: CPUs per actor (a CPU actor's worker threads); None: from the cluster
     rows_per_batch: int | None = None  # with --engine ray: rows per actor call; None: balanced over actors
     calibration: str | None = None  # a calibration JSON (qa-batch eval --fit-calibration): null bias, calibrated confidence
     force_calibration: bool = False  # apply it even when fitted for another model or other options

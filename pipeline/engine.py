@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import glob
 import json
 import os
 import queue
@@ -205,6 +206,19 @@ def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
         raise UsageError(f"output {path} cannot be checked: {e}") from None
 
 
+def check_apart_from_inputs(output: str, inputs: tuple[str, ...], files: tuple[str, ...]) -> None:
+    """Refuse an output that is an input, holds one (--overwrite would delete it), or lies inside
+    an input directory (the next run would read the answers as input). Both engines."""
+    for f in files:
+        if storage.within(f, output):
+            what = "is also an input" if storage.within(output, f) else f"contains the input {f}"
+            raise UsageError(f"output {output} {what}: choose another path with -o")
+    for spec in inputs:
+        if not glob.has_magic(spec) and storage.within(output, spec) and storage.is_dir(spec):
+            raise UsageError(f"output {output} lies inside the input directory {spec}, so the next run would "
+                             "read the answers as input: choose a path outside it with -o")
+
+
 @dataclass
 class Stages:
     """The chunk -> batch -> infer -> merge stages set up for one model and one run's options.
@@ -294,6 +308,7 @@ class Job:
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns)
         output = config.output or default_output(config.inputs, plan.files)
+        check_apart_from_inputs(output, config.inputs, plan.files)
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), output_schema(plan, config.top_k),
                    total, started, started_at)

@@ -3,6 +3,11 @@
 With QA_BATCH_CRASH_AT=NAME:N in the environment the process kills itself with SIGKILL the
 N-th time it passes `point(NAME)`: a real, unannounced death at a chosen moment (reading,
 mid-batch, while writing a part, during the final rename). Unset, `point` does nothing.
+
+Two more, for the Ray engine's tests: QA_BATCH_TRACE=FILE makes `record` append a line per
+event (which shard an actor started, which it wrote), so a test can count the work done
+across processes; QA_BATCH_LOSE_AT=NAME makes `lose(NAME, path)` delete a file, as a write
+that went missing would.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import threading
 
 _target = os.environ.get("QA_BATCH_CRASH_AT")
 _once = os.environ.get("QA_BATCH_CRASH_ONCE")  # NAME:MARKER_FILE, for workers that get restarted
+_trace = os.environ.get("QA_BATCH_TRACE")
+_lose = os.environ.get("QA_BATCH_LOSE_AT")
 _seen: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -37,3 +44,22 @@ def once(name: str) -> None:
         return
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record(event: str, detail: str) -> None:
+    """Append `event detail` to the QA_BATCH_TRACE file (one short write: whole lines)."""
+    if _trace is None:
+        return
+    fd = os.open(_trace, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{event} {detail}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def lose(name: str, path: str) -> bool:
+    """Delete `path` at `name` when QA_BATCH_LOSE_AT=NAME (local paths only); True if it did."""
+    if _lose == name and os.path.exists(path):
+        os.remove(path)
+        return True
+    return False

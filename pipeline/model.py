@@ -124,6 +124,26 @@ def content_hash(directory: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def model_identity(model_id: str) -> dict:
+    """The model as `LoadedModel.identity` will name it, without loading the weights: a local
+    checkpoint's content hash, or the hub commit its config.json resolves to. For a driver
+    (the Ray engine) that plans a job its workers run."""
+    if os.path.isdir(model_id):
+        return {"id": model_id, "revision": content_hash(model_id)}
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise UsageError(f"--model {model_id!r}: no such directory")
+    from transformers import AutoConfig
+
+    offline_only = _offline_env() or not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(model_id, **({"local_files_only": True} if offline_only else {}))
+    except (OSError, ValueError) as e:
+        if offline_only:
+            raise not_in_cache(model_id, local="a directory every node can read") from None
+        raise UsageError(f"--model {model_id}: could not load it from the hub ({e})") from None
+    return {"id": model_id, "revision": getattr(config, "_commit_hash", None)}
+
+
 def max_positions(model: torch.nn.Module, tokenizer) -> int:
     """The longest input the model accepts, from its position table (RoBERTa reserves padding_idx+1)."""
     config = model.config

@@ -1,62 +1,205 @@
-"""The Ray engine: the same stages as the local engine, run by Ray Data actors.
+"""The Ray engine: the local engine's stages, run by a pool of Ray Data actors.
 
-    shards of rows -> map_batches(RayAnswerer actors) -> write_parquet(output directory)
+    driver: plan shards from the footers -> map_batches(RayAnswerer actors) -> shard results
+    actors: read a shard, answer it window by window, write its file into the staging directory
+    driver: check every row is there -> write _SUCCESS -> publish the output (commit.py)
 
 Each actor loads the model once (in __init__) and answers whole windows of
 `--rows-per-window` rows with `Stages.answer_window`, the code the local engine runs. The
-dataset's items are shards, row ranges of `--rows-per-batch` rows in whole windows, rather
-than rows read by ray.data.read_parquet: an actor reads its shard itself (from the row
-group holding its first row, through storage.py, so s3:// works on every node), rows keep
-their global row numbers, and the windows, hence the batches and the answers, are
-exactly those of a local run. The output is a directory of Parquet files (one per shard)
-with the local engine's schema and metadata; their union is the local output's table.
+dataset's items are shards, row ranges in whole windows (shards.py), rather than rows read
+by ray.data.read_parquet: an actor reads its shard itself (from the row group holding its
+first row, through storage.py, so s3:// works on every node), rows keep their global row
+numbers, and the windows, hence the batches and the answers, are exactly those of a local
+run. Each shard becomes one Parquet file named by its row range, written whole (under a
+hidden name, then moved) into `<output>.partial/files/`; Ray Data carries only shard
+descriptions in and a few counts out, and runs no read or write tasks of its own, so the
+actors may hold every CPU.
+
+Resume: `<output>.partial/manifest.json` names the job (resume.py compares it); a rerun
+answers only the rows no shard file holds, whatever the shard size was. Commit: when every
+row is there, the driver checks the row count, writes `files/_SUCCESS` and publishes
+`files/` as the output (commit.py). Stop (SIGINT/SIGTERM): the driver stops waiting,
+shuts its Ray job down (finished shards stay) and raises Interrupted.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
+import queue
+import re
+import signal
+import socket
+import sys
+import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from . import __version__, faults, storage
+from tqdm import tqdm
+
+from . import __version__, commit, faults, storage
 from .config import RunConfig
-from .engine import RunSummary, Stages, _reported, check_options, default_output
-from .errors import RuntimeFailure, UsageError
-from .model import load_model
-from .resume import work_dir_for
-from .read import InputPlan, plan_inputs, read_windows
-from .workers import balanced_shard_rows, split_ranges
-from .write import count_answers, output_schema
+from .engine import (CPU_BATCH_SIZE, CUDA_BATCH_SIZE, RunSummary, Stages, _reported, calibration_metadata,
+                     check_apart_from_inputs, check_options, default_output)
+from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from .model import load_model, model_identity
+from .read import InputPlan, open_parquet, plan_inputs, read_windows
+from .resume import MANIFEST, WorkDir, input_fingerprint, work_dir_for
+from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
+from .write import METADATA_KEY, count_answers, output_schema
+
+FILES = "files"  # <output>.partial/files/: what becomes the output
+CORES_PER_CPU_ACTOR = 4  # default: a CPU actor runs up to 4 workers sharing one model copy
+_COUNTS = ("rows", "chunks", "answered", "errors")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The actor pool, decided from the cluster's resources and the options."""
+
+    gpu: bool  # one GPU per actor
+    actors: int  # started at once: as many as the cluster holds now, or as many as asked for
+    fixed: bool  # asked for (--num-gpus N, --cpu-workers N): the pool does not grow
+    cpus: float  # CPUs reserved per actor
+    threads: int  # CPU actors: worker threads (each one core); GPU actors: 1
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def plan_actors(nodes: list[dict], num_gpus: int | None, cpu_actors: int | None,
+                cpus_per_actor: float | None) -> ActorPlan:
+    """How many actors, and what each holds, from each alive node's resources ({"CPU": 16.0, ...}).
+
+    GPU actors (num_gpus None and the cluster has GPUs, or num_gpus > 0): one per GPU, each
+    with `cpus_per_actor` CPUs (default 1). CPU actors: `cpus_per_actor` cores each (default
+    up to CORES_PER_CPU_ACTOR, at most the smallest node's CPUs, so that an actor fits on
+    every node; with --cpu-workers N, the cluster's CPUs shared out among N), as many as
+    the nodes hold. Ray Data runs no tasks beside the actors here (they read and write
+    their shards themselves), so the actors may hold every CPU.
+    """
+    cpus = [float(n.get("CPU", 0.0)) for n in nodes]
+    gpus = [float(n.get("GPU", 0.0)) for n in nodes]
+    total_cpus, total_gpus = sum(cpus), sum(gpus)
+    gpu = num_gpus > 0 if num_gpus is not None else total_gpus >= 1
+    if gpu:
+        each = 1.0 if cpus_per_actor is None else cpus_per_actor
+        threads = 1
+        fits = sum(min(int(g), int(c // each)) if each > 0 else int(g) for c, g in zip(cpus, gpus))
+        wanted = num_gpus
+    else:
+        usable = [c for c in cpus if c >= 1]
+        if cpus_per_actor is not None:
+            each = cpus_per_actor
+        elif cpu_actors is not None:
+            each = float(max(1, min(int(total_cpus // cpu_actors), int(max(usable, default=1)))))
+        else:
+            each = float(max(1, min(CORES_PER_CPU_ACTOR, int(min(usable, default=1)))))
+        threads = max(1, int(each))
+        fits = sum(int(c // each) for c in cpus)
+        wanted = cpu_actors
+    actors = wanted if wanted is not None else max(1, fits)
+    return ActorPlan(gpu=gpu, actors=actors, fixed=wanted is not None, cpus=each, threads=threads,
+                     cluster_cpus=total_cpus, cluster_gpus=total_gpus)
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """What the driver prints before any work: the actor pool and the shards."""
+
+    actors: int
+    max_actors: int  # the autoscaling pool grows to this as nodes join (= actors: fixed)
+    gpus_each: int
+    cpus_each: float
+    threads_each: int
+    cluster_cpus: float
+    cluster_gpus: float
+    shards: int  # to answer in this run
+    rows_per_shard: int
+    rows_to_answer: int
+    rows_done_before: int  # held by the shard files of earlier, interrupted runs
+
+    def line(self) -> str:
+        kind = "GPU" if self.gpus_each else "CPU"
+        each = (f"1 GPU and {self.cpus_each:g} CPU each" if self.gpus_each else
+                f"{self.cpus_each:g} CPU, {self.threads_each} worker thread{'s' * (self.threads_each != 1)} each")
+        grow = (f", up to {self.max_actors} as the cluster grows" if self.max_actors > self.actors else
+                "" if self.max_actors < self.actors else ", fixed")
+        before = f" ({self.rows_done_before} answered before)" if self.rows_done_before else ""
+        return (f"Ray plan: {self.actors} {kind} actor{'s' * (self.actors != 1)} ({each}{grow}) on a cluster of "
+                f"{self.cluster_cpus:g} CPUs and {self.cluster_gpus:g} GPUs; {self.shards} shard"
+                f"{'s' * (self.shards != 1)} of up to {self.rows_per_shard} rows, {self.rows_to_answer} rows to "
+                f"answer{before}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class RayAnswerer:
-    """A Ray Data actor: one model, many windows."""
+    """A Ray Data actor: one model, many shards; each shard's answers become one file."""
 
-    def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int):
+    def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int, files: str,
+                 model: dict):
+        import ray
         import torch
 
         torch.set_num_threads(threads)
-        import ray
-
-        device = "cuda" if ray.get_gpu_ids() else ("cpu" if config.device == "auto" else config.device)
-        self.config, self.plan = config, plan
-        loaded = load_model(config.model, device, config.dtype, config.quantize)
+        self.config, self.plan, self.files = config, plan, files
+        loaded = load_model(config.model, "cuda" if ray.get_gpu_ids() else "cpu", config.dtype, config.quantize)
+        self.mismatch = None if loaded.identity == model else (
+            f"{socket.gethostname()} loaded {config.model} as {loaded.identity}, the driver planned the job with "
+            f"{model}: every node needs the same model")
         self.stages = Stages.build(config, loaded, cpu_workers=threads)  # CPU: one thread per worker
-        # each file's metadata: the driver's (version, options, start) and this actor's model and device
-        metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device), "dtype": loaded.dtype_name}
-        self.schema = output_schema(plan, config.top_k).with_metadata({b"qa_batch": json.dumps(metadata).encode()})
+        # each file's metadata: the driver's (version, options, job) and this actor's model and device
+        self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
+                         "dtype": loaded.dtype_name}
+        self.schema = output_schema(plan, config.top_k)
 
-    def __call__(self, batch: dict):
+    def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
 
-        tables = []
+        if self.mismatch:
+            raise RuntimeFailure(self.mismatch)
+        out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS)}
         for start, end in zip(batch["start"], batch["end"]):
-            for rows in read_windows(self.plan, self.config.rows_per_window, int(end), int(start)):
+            start, end = int(start), int(end)
+            faults.record("shard_started", f"{start}-{end}")
+            tables = []
+            for rows in read_windows(self.plan, self.config.rows_per_window, end, start):
                 faults.once("ray_window")
                 tables.append(self.stages.answer_window(rows, self.schema, self.plan.id_col))
-        return pa.concat_tables(tables)
+            table = pa.concat_tables(tables)
+            counts = count_answers(table)
+            write_shard(self.files, start, end, table, {**self.metadata, "shard": {"start": start, "end": end,
+                                                                                    **counts}})
+            faults.record("shard_written", f"{start}-{end}")
+            out["start"].append(start)
+            out["end"].append(end)
+            for k in _COUNTS:
+                out[k].append(counts[k])
+        return out
+
+
+def write_shard(files: str, start: int, end: int, table, metadata: dict) -> None:
+    """One shard's file, written whole: under a hidden name (readers skip it), then moved."""
+    import pyarrow.parquet as pq
+
+    path = storage.join(files, shard_name(start, end))
+    tmp = storage.join(files, f".{shard_name(start, end)}.inprogress")
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    try:
+        fs, inner = storage.locate(tmp)
+        pq.write_table(table, inner, compression="zstd", filesystem=fs)
+        storage.move(tmp, path)
+    except OSError as e:
+        raise RuntimeFailure(f"could not write {path}: {e.strerror or e}. The finished shards are kept: fix the "
+                             "cause (disk space, permissions) and rerun the same command to resume") from None
 
 
 def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
@@ -64,8 +207,17 @@ def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
     return out.replace(".answers.parquet", ".answers", 1)
 
 
-def run_ray(config: RunConfig) -> RunSummary:
-    """Answer every row on a Ray cluster (or a local Ray instance) into an output directory."""
+def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
+            on_plan: Callable[[RayPlan], None] | None = None) -> RunSummary:
+    """Answer every row on a Ray cluster (or a local Ray instance) into an output directory.
+
+    A rerun of an interrupted run answers only the rows no shard file holds; setting
+    `stop_requested` cancels the Ray job, keeps the finished shards and raises Interrupted.
+    `on_plan` is told the actor pool and the shards before any work.
+    """
+    # Ray's calls from a thread that outlives ray.shutdown() (Ray Data's, when the job is
+    # cancelled) must not start a new local instance: no automatic ray.init.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
     except ImportError:
@@ -73,51 +225,332 @@ def run_ray(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     check_options(config)
+    num_gpus = _check_ray_options(config)
+    if os.path.isdir(config.model):  # actors start in other folders, on other nodes
+        config = dataclasses.replace(config, model=os.path.abspath(config.model))
     plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns)
+    schema = output_schema(plan, config.top_k)
     output = config.output or default_output_dir(config.inputs, plan.files)
+    check_apart_from_inputs(output, config.inputs, plan.files)
+    staging = work_dir_for(output)
+    files = storage.join(staging, FILES)
+    if not storage.is_uri(output):  # object stores have no folders to check
+        parent = storage.parent(output)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise UsageError(f"output directory {parent} does not exist or is not writable")
+    _refuse_existing_output(output, staging, files, config)
+    model = model_identity(config.model)
+    total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        _init(ray, config.ray_address)
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        actors = plan_actors(nodes, num_gpus, config.cpu_workers, config.num_cpus_per_worker)
+        if actors.gpu and not actors.cluster_gpus and config.ray_address is None:
+            raise UsageError(f"--num-gpus {num_gpus}: this machine has no GPU Ray can use; use --num-gpus 0 "
+                             "(CPU actors), or --ray-address to join a cluster with GPUs")
+        work = WorkDir(staging)
+        work.open(_manifest(config, plan, model, actors.gpu, schema), config.restart, output)
+        finished = commit.read_success(output)
+        if finished is not None and finished.get("job_id") == work.job_id:
+            storage.delete(staging)  # killed after publishing, before the clean-up: nothing left to do
+            return _reported(_summary_from(finished, output), config)
+        staged = commit.read_success(files)
+        if staged is None or staged.get("job_id") != work.job_id:  # else: killed while publishing
+            metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
+                        "started_at": started_at, "job_id": work.job_id, **calibration_metadata(config)}
+            todo = _shards_left(files, total)
+            done_before = total - _rows(todo)
+            shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
+            shards = split_ranges(todo, config.rows_per_window, shard_rows)
+            max_actors = actors.actors if actors.fixed else max(actors.actors, len(shards))
+            if on_plan is not None:
+                on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, gpus_each=int(actors.gpu),
+                                cpus_each=actors.cpus, threads_each=actors.threads,
+                                cluster_cpus=actors.cluster_cpus, cluster_gpus=actors.cluster_gpus,
+                                shards=len(shards), rows_per_shard=max((b - a for a, b in shards), default=0),
+                                rows_to_answer=_rows(todo), rows_done_before=done_before))
+            this_run = dict.fromkeys(_COUNTS, 0)
+            if shards:
+                try:
+                    this_run = _answer_shards(ray, shards, actors, max_actors, config, plan, metadata, files,
+                                              model, total, done_before, staging, stop_requested, owns_ray)
+                except Interrupted:  # the rows kept are those in shard files, some not yet reported
+                    raise Interrupted(_rows(tile(list(_shard_files(files)), total)[0]), staging) from None
+            if owns_ray:
+                ray.shutdown()  # the actors' resources go back to the cluster before the commit
+            if total == 0:  # no rows: one empty file, so that readers still get the schema
+                write_shard(files, 0, 0, schema.empty_table(),
+                            {**metadata, "model": model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
+            counts = _check_rows(files, total, staging)
+            elapsed = time.perf_counter() - started
+            summary = RunSummary(output=output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
+                                 dtype=_dtype_name(config, actors.gpu), started_at=started_at,
+                                 resumed_from_row=done_before, elapsed_s=round(elapsed, 3),
+                                 rows_per_s=round(this_run["rows"] / elapsed, 2) if elapsed else 0.0,
+                                 chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
+                                 finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            summary.set_counts(counts, this_run)
+            commit.write_success(files, {**summary.as_dict(), "job_id": work.job_id,
+                                         "qa_batch_version": __version__})
+            staged = commit.read_success(files)
+        try:
+            commit.publish(files, output)
+        except OSError as e:
+            raise RuntimeFailure(f"could not publish {output}: {e.strerror or e}. The finished shards are kept in "
+                                 f"{files}: fix the cause and rerun the same command to finish") from None
+        faults.point("published")
+        storage.delete(staging)
+        return _reported(_summary_from(staged, output), config)
+    except OSError as e:  # the driver's own reads and writes of the staging directory
+        raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or staging}). The finished shards "
+                             f"are kept in {files}: fix the cause and rerun the same command to resume") from None
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()  # also cancels the job's actors when stopped or failed
+
+
+def _init(ray, address: str | None) -> None:
+    """Start a local Ray instance or join a cluster, keeping the caller's SIGINT/SIGTERM handlers
+    (ray.init installs its own: SIGTERM would exit at once with code 15)."""
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_"))}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": env} if env else None)
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
+def _shut_down_quietly(ray, consumer: threading.Thread) -> None:
+    """End the Ray connection while Ray Data's threads still wait on it (a cancelled job): they
+    fail, and what they would log about it is not news."""
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False  # in case ray was imported before RAY_ENABLE_AUTO_CONNECT=0
+    logging.disable(logging.CRITICAL)
+    try:
+        ray.shutdown()
+        consumer.join(timeout=10)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _check_ray_options(config: RunConfig) -> int | None:
+    """The GPUs asked for (None: auto), after refusing options that do not apply to Ray."""
     if config.devices:
         raise UsageError("--devices is for the local engine; with --engine ray, --num-gpus sets the GPU actors")
     if config.rows_per_batch is not None and config.rows_per_batch < 1:
         raise UsageError(f"--rows-per-batch {config.rows_per_batch}: must be at least 1")
-    if storage.exists(output) and not config.overwrite:
-        raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
-    staging = work_dir_for(output)  # the files are written here, then moved into place at the end
-    storage.delete(staging)  # left by a failed Ray run: Ray runs start over rather than resume
-    total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
-    metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
-                "started_at": started_at}
+    if config.num_gpus is not None and config.num_gpus < 0:
+        raise UsageError(f"--num-gpus {config.num_gpus}: must be auto or at least 0")
+    if config.num_cpus_per_worker is not None and config.num_cpus_per_worker <= 0:
+        raise UsageError(f"--num-cpus-per-worker {config.num_cpus_per_worker}: must be above 0")
+    if config.device == "cpu":
+        if config.num_gpus:
+            raise UsageError(f"--device cpu with --num-gpus {config.num_gpus}: choose one")
+        return 0
+    if config.device not in ("auto", "cuda"):
+        raise UsageError(f"--device {config.device}: with --engine ray, Ray assigns the GPUs; "
+                         "use --num-gpus (auto, N, or 0 for CPU actors)")
+    return config.num_gpus
 
-    gpu = config.num_gpus > 0
-    actors = config.num_gpus if gpu else (config.cpu_workers or 1)
-    cpus = config.num_cpus_per_worker or (1.0 if gpu else 0.5)  # fractional: leave room for Ray's own tasks
-    if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_"))}
-        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+
+def _refuse_existing_output(output: str, staging: str, files: str, config: RunConfig) -> None:
+    """An existing output needs --overwrite, unless it is this job's own (a run killed while publishing)."""
+    if config.overwrite or not storage.exists(output):
+        return
+    if not config.restart:
+        try:
+            job_id = json.loads(storage.read_bytes(storage.join(staging, MANIFEST))).get("job_id")
+        except (OSError, ValueError):
+            job_id = None
+        if job_id and job_id in ((commit.read_success(output) or {}).get("job_id"),
+                                 (commit.read_success(files) or {}).get("job_id")):
+            return
+    raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
+
+
+def _dtype_name(config: RunConfig, gpu: bool) -> str:
+    import torch
+
+    from .model import resolve_dtype
+
+    return str(resolve_dtype(config.dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
+
+
+def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema) -> dict:
+    """What identifies the job, as the local engine's manifest does (resume.py compares them)."""
+    batch_size = config.batch_size or (CUDA_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
+    return {
+        "inputs": input_fingerprint(plan),
+        "model": model,
+        # what changes answers, batching included (it moves floating-point rounding); not the shard size
+        "options": {**config.answer_options(), "engine": "ray", "device": "cuda" if gpu else "cpu",
+                    "dtype": _dtype_name(config, gpu), "batch_size": batch_size,
+                    "max_batch_tokens": config.max_batch_tokens or batch_size * config.max_seq_len,
+                    "rows_per_window": config.rows_per_window},
+        "schema": schema.to_string(),
+    }
+
+
+def _rows(ranges: list[Range]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _shard_files(files: str) -> dict[Range, str]:
+    """The shard files present, by row range; leftovers of writes cut short are deleted."""
+    found: dict[Range, str] = {}
+    if not storage.is_dir(files):
+        return found
+    for f in storage.list_files(files):
+        name = storage.basename(f)
+        if name.endswith(".inprogress"):
+            storage.delete_file(f)
+        elif (r := parse_shard_name(name)) is not None:
+            found[r] = f
+    return found
+
+
+def _shards_left(files: str, total: int) -> list[Range]:
+    """The row ranges no shard file holds; files that repeat rows another holds are deleted."""
+    storage.make_dirs(files)
+    found = _shard_files(files)
+    _, redundant, missing = tile(list(found), total)
+    for r in redundant:
+        storage.delete_file(found[r])
+    return missing
+
+
+def _check_rows(files: str, total: int, staging: str) -> dict:
+    """Before the commit: every row in exactly one shard file, each file's row count as its name
+    says (from the footers). Returns the counts over all files; RuntimeFailure (exit 3) if not."""
+    found = _shard_files(files)
+    if found and faults.lose("ray_commit", found[min(found)]):  # tests: a shard file that went missing
+        found = _shard_files(files)
+    kept, redundant, missing = tile(list(found), total)
+    for r in redundant:
+        storage.delete_file(found[r])
+    if missing:
+        gaps = ", ".join(f"[{a}, {b})" for a, b in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise RuntimeFailure(
+            f"{_rows(missing)} of the {total} planned rows have no shard file in {files} (rows {gaps}); "
+            f"the {len(kept)} finished shards are kept: rerun the same command to answer the missing rows")
+    if total == 0:
+        kept = [(0, 0)]
+
+    def footer(r: Range) -> tuple[Range, int, dict]:
+        meta = open_parquet(found[r]).metadata
+        return r, meta.num_rows, json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}")).get("shard", {})
+
+    counts = dict.fromkeys(_COUNTS, 0)
+    with concurrent.futures.ThreadPoolExecutor(16 if storage.is_uri(files) else 1) as pool:
+        for (a, b), n, shard in pool.map(footer, kept):
+            if n != b - a or shard.get("rows") != n:
+                raise RuntimeFailure(f"{found[(a, b)]} holds {n} rows where its name says {b - a}: delete it and "
+                                     "rerun the same command to answer its rows again")
+            for k in _COUNTS:
+                counts[k] += shard.get(k, 0)
+    return counts
+
+
+def _summary_from(success: dict, output: str) -> RunSummary:
+    fields = {f.name for f in dataclasses.fields(RunSummary)}
+    return RunSummary(**{**{k: v for k, v in success.items() if k in fields}, "output": output})
+
+
+def _pool(ray, actors: ActorPlan, max_actors: int):
+    """A fixed pool, or one that starts with what the cluster holds and grows as nodes join."""
+    if actors.fixed:
+        return ray.data.ActorPoolStrategy(size=actors.actors)
+    try:
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors, initial_size=actors.actors)
+    except TypeError:  # Ray before initial_size
+        return ray.data.ActorPoolStrategy(min_size=actors.actors, max_size=max_actors)
+
+
+_END = object()
+
+
+def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int, config: RunConfig,
+                   plan: InputPlan, metadata: dict, files: str, model: dict, total: int, done_before: int,
+                   staging: str, stop_requested: threading.Event | None, owns_ray: bool) -> dict:
+    """Run the shards on the actor pool; return this run's counts. Finished shards are files by now.
+
+    Stopped or failed, the job is cancelled by ending the Ray connection (when this process
+    made it): the cluster then ends the job's actors; the shards they finished are kept."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    whole = [(0, total)] if total else []
-    items = [{"start": a, "end": b} for a, b in split_ranges(
-        whole, config.rows_per_window, config.rows_per_batch or balanced_shard_rows(whole, actors))]
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours show
+    if not storage.is_uri(files):
+        files = os.path.abspath(files)
+    if not any(storage.is_uri(f) for f in plan.files):
+        plan = dataclasses.replace(plan, files=tuple(os.path.abspath(f) for f in plan.files))
+    ds = ray.data.from_items([{"start": a, "end": b} for a, b in shards], override_num_blocks=len(shards)).map_batches(
+        RayAnswerer, batch_size=1, compute=_pool(ray, actors, max_actors), num_cpus=actors.cpus,
+        num_gpus=1 if actors.gpu else 0,
+        fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata, "threads": actors.threads,
+                               "files": files, "model": model})  # Ray Data restarts lost actors, redoes their shards
+    results: queue.Queue = queue.Queue()
+
+    def consume() -> None:  # its own thread, so that the driver can stop waiting at any time
+        try:
+            for row in ds.iter_rows():
+                results.put(row)
+            results.put(_END)
+        except BaseException as e:  # handed to the driver thread
+            results.put(e)
+
+    consumer = threading.Thread(target=consume, name="qa-batch-ray-results", daemon=True)
+    consumer.start()
+    this_run = collections.Counter({k: 0 for k in _COUNTS})
+    bar = tqdm(total=total, initial=done_before, unit="row", dynamic_ncols=True,
+               disable=config.quiet or not sys.stderr.isatty())
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            RayAnswerer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus, num_gpus=1 if gpu else 0,
-            fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata,
-                                   "threads": max(1, int(cpus))})  # Ray Data restarts lost actors, redoes their windows
-        fs, path = storage.locate(staging)
-        ds.write_parquet(path, filesystem=fs)
-    except Exception as e:  # Ray wraps worker errors in its own types
-        raise RuntimeFailure(f"the Ray job failed: {e}; the previous output, if any, is untouched") from None
-    c = count_answers(storage.read_table(staging, columns=["answer", "error", "chunks"]))
-    storage.delete(output)  # --overwrite: yesterday's answers are replaced only now
-    storage.move_tree(staging, output)
-    elapsed = time.perf_counter() - started
-    summary = RunSummary(
-        output=output, elapsed_s=round(elapsed, 3),
-        rows_per_s=round(c["rows"] / elapsed, 2), chunks_per_s=round(c["chunks"] / elapsed, 2),
-        started_at=started_at, device="ray",
-        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    summary.set_counts(c, c)  # no resume: this run answered every row
-    return _reported(summary, config)
+        while True:
+            if stop_requested is not None and stop_requested.is_set():
+                raise Interrupted(done_before + this_run["rows"], staging)
+            try:
+                item = results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return dict(this_run)
+            if isinstance(item, BaseException):
+                raise _job_failure(item, files)
+            this_run.update({k: int(item[k]) for k in _COUNTS})
+            bar.update(int(item["rows"]))
+            faults.point("ray_shard_done")
+    except BaseException:
+        if owns_ray:
+            _shut_down_quietly(ray, consumer)
+        raise
+    finally:
+        bar.close()
+
+
+_OUR_ERROR = re.compile(r"^pipeline\.errors\.(UsageError|RuntimeFailure): (.+)$", re.M)
+_ANY_ERROR = re.compile(r"^([\w.]*\w(?:Error|Exception|Failure|Interrupt|Exit)): (.+)$", re.M)
+
+
+def _job_failure(e: BaseException, files: str) -> QaBatchError:
+    """What failed, from what Ray raised: an actor's error reaches the driver as a traceback in
+    text (the exception object stays behind), so the first error line of it is the cause."""
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, QaBatchError):
+            return cause
+        seen.add(id(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    ours = _OUR_ERROR.search(text)
+    if ours:
+        return (UsageError if ours.group(1) == "UsageError" else RuntimeFailure)(f"in a Ray actor: {ours.group(2)}")
+    first = _ANY_ERROR.search(text)
+    said = f"{first.group(1)}: {first.group(2)}" if first else (text.strip().splitlines() or [type(e).__name__])[0]
+    return RuntimeFailure(f"the Ray job failed: {said}. The finished shards are kept in {files}: "
+                          "rerun the same command to resume")

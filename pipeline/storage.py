@@ -113,6 +113,19 @@ def identity(spec: str) -> str:
     return spec if is_uri(spec) else os.path.realpath(_local_path(spec))
 
 
+def within(inner: str, outer: str) -> bool:
+    """Is `inner` the same path as `outer`, or below it? (Local paths with links resolved; URIs
+    on the same bucket or host. Neither needs to exist.)"""
+    def key(spec: str) -> str:
+        if is_uri(spec):
+            u = urlsplit(spec)
+            return f"{u.scheme}://{u.netloc}/{u.path.strip('/')}"
+        return os.path.realpath(_local_path(spec))
+
+    a, b = key(inner), key(outer)
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
 def list_files(spec: str) -> list[str]:
     """Every file below a directory, as specs of the same kind as `spec`, sorted."""
     fs, path = locate(spec)
@@ -206,16 +219,18 @@ def move(src: str, dst: str) -> None:
     fs.move(a, b)
 
 
-def move_tree(src: str, dst: str) -> None:
-    """Move a directory: one rename on a local disk, file by file (server-side copies) on object stores."""
+def copy(src: str, dst: str) -> None:
+    """Copy a file (server-side on object stores)."""
     fs, a = locate(src)
     _, b = locate(dst)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.move(a, b)
-        return
-    for f in list_files(src):
-        move(f, join(dst, *relative(src, f).split("/")))
-    delete_dir(src)
+    fs.copy_file(a, b)
+
+
+def renames_dirs(spec: str) -> bool:
+    """Does the filesystem holding `spec` rename a directory in one step (local disks, HDFS)?
+    Object stores do not: there a "directory" is a prefix of many objects."""
+    fs, _ = locate(spec)
+    return isinstance(fs, (pafs.LocalFileSystem, pafs.HadoopFileSystem))
 
 
 def make_dirs(spec: str) -> None:

@@ -14,7 +14,6 @@ only the windows no part holds, on however many devices are given then.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -30,24 +29,7 @@ from .engine import (Job, Progress, RunSummary, Stages, _current_rss_mb, answer_
                      check_max_seq_len, padding_efficiency)
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from .model import load_model, resolve_device
-
-SHARDS_PER_WORKER = 4  # more shards balance uneven devices; fewer mean fewer row-group re-reads
-
-
-def split_ranges(ranges: list[tuple[int, int]], rows_per_window: int, rows_per_shard: int) -> list[tuple[int, int]]:
-    """Cut row ranges into shards of at most `rows_per_shard` rows, on window boundaries."""
-    step = max(1, math.ceil(rows_per_shard / rows_per_window)) * rows_per_window
-    shards = []
-    for start, end in ranges:
-        for a in range(start, end, step):
-            shards.append((a, min(a + step, end)))
-    return shards
-
-
-def balanced_shard_rows(ranges: list[tuple[int, int]], workers: int) -> int:
-    """Rows per shard that give each worker about SHARDS_PER_WORKER shards."""
-    rows = sum(end - start for start, end in ranges)
-    return max(1, math.ceil(rows / (workers * SHARDS_PER_WORKER)))
+from .shards import balanced_shard_rows, split_ranges
 
 
 def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop, parent_pid: int) -> None:

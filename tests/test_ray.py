@@ -1,18 +1,34 @@
-"""--engine ray on a real local Ray instance: the same table as the local engine, every row once."""
+"""--engine ray on a real local Ray instance: the same table as the local engine, every row once,
+resumed after a kill, committed with _SUCCESS last.
+
+Most commands join one Ray instance (2 CPUs) that this module starts, with --ray-address, so
+Ray starts once; the first test lets qa-batch start its own, as a user's first run does.
+Which shards the actors answered is counted across processes through QA_BATCH_TRACE
+(pipeline/faults.py): each actor appends `shard_started a-b` and `shard_written a-b`.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, run_cli
+from pipeline.shards import parse_shard_name
 from pipeline.write import read_metadata
 
 pytest.importorskip("ray.data")
 
 OPTIONS = ["--rows-per-window", "8", "--max-seq-len", "128", "--doc-stride", "32", "--top-k", "2"]
+SMALL = ["--rows-per-window", "4", "--rows-per-batch", "4", "--max-seq-len", "128", "--doc-stride", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -24,52 +40,215 @@ def inputs(tmp_path_factory):
     return base
 
 
-def local_table(inputs, bert_dir, tmp_path):
-    out = tmp_path / "local.parquet"
+@pytest.fixture(scope="module")
+def local(inputs, bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray-local") / "local.parquet"
     r = run_cli("run", inputs, "-o", out, "--model", bert_dir, *OPTIONS)
     assert r.returncode == 0, r.stderr
     return pq.read_table(out)
 
 
-def test_ray_engine_equals_the_local_engine(inputs, bert_dir, tmp_path):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, bert_dir):
+    """24 short and middling rows in two files, and the local engine's answers: for the kill tests."""
+    base = tmp_path_factory.mktemp("ray-small")
+    src = pq.read_table(SAMPLE)
+    rows = [*range(0, 3), *range(12, 21), *range(33, 45)]  # the long articles left out: quick to answer
+    table = src.take(rows)
+    (base / "in").mkdir()
+    pq.write_table(table.slice(0, 10), base / "in" / "a.parquet", row_group_size=3)
+    pq.write_table(table.slice(10), base / "in" / "b.parquet", row_group_size=5)
+    r = run_cli("run", base / "in", "-o", base / "local.parquet", "--model", bert_dir, *SMALL)
+    assert r.returncode == 0, r.stderr
+    return {"input": base / "in", "reference": pq.read_table(base / "local.parquet"), "model": bert_dir}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray instance with 2 CPUs for the module; commands join it with --ray-address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ["--ray-address", ray.get_runtime_context().gcs_address]
+    ray.shutdown()
+
+
+def shard_files(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if parse_shard_name(n)) if os.path.isdir(directory) else []
+
+
+def traced(path) -> dict[str, list[tuple[int, int]]]:
+    """What the actors recorded: shard_started / shard_written -> row ranges."""
+    out: dict[str, list[tuple[int, int]]] = {"shard_started": [], "shard_written": []}
+    if os.path.exists(path):
+        for line in open(path).read().splitlines():
+            event, rows = line.split()
+            a, b = rows.split("-")
+            out[event].append((int(a), int(b)))
+    return out
+
+
+def small_command(small, out, cluster, *extra):
+    return [sys.executable, "-m", "jobs.cli", "run", str(small["input"]), "-o", str(out), "--model", small["model"],
+            "--engine", "ray", *cluster, *SMALL, *extra]
+
+
+def run(cmd, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_ray_engine_equals_the_local_engine_and_commits_with_success_last(inputs, bert_dir, local, tmp_path):
     out = tmp_path / "ray-out"
     r = run_cli("run", inputs, "-o", out, "--model", bert_dir, "--engine", "ray", "--cpu-workers", "2",
                 "--rows-per-batch", "16", *OPTIONS)
     assert r.returncode == 0, r.stderr
     assert "45 rows" in r.stderr
-    assert len([n for n in os.listdir(out) if n.endswith(".parquet")]) == 3  # 16 rows (2 windows) per task
+    assert "Ray plan: 2 CPU actors (" in r.stderr and ", fixed) on a cluster of" in r.stderr  # --cpu-workers 2
+    names = shard_files(out)
+    assert names == ["part-000000000000-000000000016.parquet", "part-000000000016-000000000032.parquet",
+                     "part-000000000032-000000000045.parquet"]  # 16 rows (2 windows) per shard, named by rows
+    assert sorted(os.listdir(out)) == ["_SUCCESS", *names]
     ray_table = pq.read_table(out).sort_by("row")
-    local = local_table(inputs, bert_dir, tmp_path)
     assert ray_table["row"].to_pylist() == list(range(45))  # every row once, numbered over all inputs
     assert ray_table.select(local.column_names).equals(local)
-    meta = read_metadata(os.path.join(out, sorted(os.listdir(out))[0]))
+    meta = read_metadata(os.path.join(out, names[0]))
     assert meta["engine"] == "ray" and meta["model"]["revision"].startswith("sha256:") and meta["device"] == "cpu"
-    assert not os.path.exists(str(out) + ".partial")
+    assert meta["shard"] == {"start": 0, "end": 16, "rows": 16, "chunks": sum(local["chunks"].to_pylist()[:16]),
+                             "answered": 16, "errors": 0}
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["rows"] == success["rows_this_run"] == 45 and success["job_id"] == meta["job_id"]
+    assert os.stat(out / "_SUCCESS").st_mtime_ns >= max(os.stat(out / n).st_mtime_ns for n in names)  # last
+    assert sorted(os.listdir(tmp_path)) == ["ray-out"]  # no staging directory left
 
 
-def test_a_killed_worker_loses_and_repeats_no_row(inputs, bert_dir, tmp_path):
-    out = tmp_path / "ray-out"
-    marker = tmp_path / "killed-once"
-    r = run_cli("run", inputs, "-o", out, "--model", bert_dir, "--engine", "ray", "--cpu-workers", "2", *OPTIONS,
-                env={"QA_BATCH_CRASH_ONCE": f"ray_window:{marker}"})
+def test_a_killed_driver_resumes_and_answers_no_shard_twice(small, cluster, tmp_path):
+    out, first, second = tmp_path / "out", tmp_path / "first.trace", tmp_path / "second.trace"
+    cmd = small_command(small, out, cluster)
+    r = run(cmd, QA_BATCH_CRASH_AT="ray_shard_done:2", QA_BATCH_TRACE=str(first))  # SIGKILL after 2 shards
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    # by default, all of the cluster: its 2 CPUs as one actor with two CPU workers
+    assert ("Ray plan: 1 CPU actor (2 CPU, 2 worker threads each, up to 6 as the cluster grows) on a cluster of "
+            "2 CPUs and 0 GPUs; 6 shards of up to 4 rows, 24 rows to answer") in r.stderr
+    assert not out.exists()
+    kept = shard_files(tmp_path / "out.partial" / "files")
+    assert len(kept) >= 2
+    time.sleep(1)  # the cluster ends a dead driver's actors: nothing may write after this
+    assert [parse_shard_name(n) for n in shard_files(tmp_path / "out.partial" / "files")] == \
+        sorted(traced(first)["shard_written"])
+
+    report = tmp_path / "report.json"
+    r = run([*cmd, "--report", str(report)], QA_BATCH_TRACE=str(second))
     assert r.returncode == 0, r.stderr
-    assert marker.exists()  # a worker did die mid-run
-    table = pq.read_table(out).sort_by("row")
-    assert table["row"].to_pylist() == list(range(45))
-    assert table.select(["row", "answer", "answer_start"]).equals(
-        local_table(inputs, bert_dir, tmp_path).select(["row", "answer", "answer_start"]))
+    assert "resumed an interrupted run" in r.stderr
+    assert pq.read_table(out).sort_by("id").equals(small["reference"].sort_by("id"))  # as if never killed
+    written_before, run2 = set(traced(first)["shard_written"]), traced(second)
+    assert not written_before & set(run2["shard_started"])  # no finished shard answered again
+    rows = sorted(r for a, b in [*written_before, *run2["shard_written"]] for r in range(a, b))
+    assert rows == list(range(24))  # every row written once over the two runs
+    rep = json.loads(report.read_text())
+    assert rep["rows"] == 24 and rep["resumed_from_row"] == sum(b - a for a, b in written_before)
+    assert rep["rows_this_run"] == 24 - rep["resumed_from_row"]
+    assert not (tmp_path / "out.partial").exists()
 
 
-def test_ray_reads_and_writes_s3(inputs, bert_dir, tmp_path, s3):
-    for name in sorted(os.listdir(inputs)):
-        s3["fs"].create_dir("nightly/ray-in")
-        pq.write_table(pq.read_table(inputs / name), f"nightly/ray-in/{name}", filesystem=s3["fs"])
-    r = run_cli("run", "s3://nightly/ray-in/", "-o", "s3://nightly/ray-out", "--model", bert_dir, "--engine", "ray",
-                "--cpu-workers", "2", *OPTIONS, env=s3["env"])
+def test_sigterm_cancels_keeps_shards_and_the_older_output_then_resumes(small, cluster, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # yesterday's output, replaced only when today's is whole
+    (out / "part-000000000000-000000000999.parquet").write_bytes(b"old")
+    (out / "_SUCCESS").write_text('{"old": true}')
+    cmd = small_command(small, out, cluster, "--overwrite", "--cpu-workers", "1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    files = tmp_path / "out.partial" / "files"
+    deadline = time.time() + 240
+    while proc.poll() is None and not shard_files(files) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the driver only, as a scheduler does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert 1 <= len(shard_files(files)) < 6
+    assert json.loads((out / "_SUCCESS").read_text()) == {"old": True}  # the older output untouched
+
+    # killed while publishing: between renaming the older output aside and the new one in
+    r = run(cmd, QA_BATCH_CRASH_AT="publishing:1")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists()
+    r = run(cmd)  # only the publishing is left to do
     assert r.returncode == 0, r.stderr
-    table = pq.read_table("nightly/ray-out", filesystem=s3["fs"]).sort_by("row")
-    local = local_table(inputs, bert_dir, tmp_path)
-    assert table.select(local.column_names).equals(local)
+    assert sorted(os.listdir(out)) == ["_SUCCESS", *shard_files(out)] and len(shard_files(out)) == 6
+    assert pq.read_table(out).sort_by("id").equals(small["reference"].sort_by("id"))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_the_rows_are_counted_before_the_commit(small, cluster, tmp_path):
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    cmd = small_command(small, out, cluster)
+    r = run(cmd, QA_BATCH_LOSE_AT="ray_commit")  # the first shard's file goes missing before the commit
+    assert r.returncode == 3, r.stderr
+    assert "4 of the 24 planned rows have no shard file" in r.stderr and "rows [0, 4)" in r.stderr
+    assert not out.exists()  # no output, no _SUCCESS
+    assert len(shard_files(tmp_path / "out.partial" / "files")) == 5  # the others kept
+    r = run(small_command(small, out, cluster, "--max-answer-len", "5"))  # another job on the same output
+    assert r.returncode == 2, r.stderr
+    assert "option max_answer_len differs: 30 then, 5 now" in r.stderr and "--restart" in r.stderr
+    assert len(shard_files(tmp_path / "out.partial" / "files")) == 5  # refused, not discarded
+    r = run(cmd, QA_BATCH_TRACE=str(trace), QA_BATCH_CRASH_AT="published:1")  # killed before the clean-up
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert traced(trace)["shard_started"] == [(0, 4)]  # only the missing rows answered
+    assert (out / "_SUCCESS").exists()
+    r = run(cmd)  # this job's output is in place: the rerun only cleans up and reports it
+    assert r.returncode == 0, r.stderr
+    assert "24 rows" in r.stderr and not (tmp_path / "out.partial").exists()
+    assert pq.read_table(out).sort_by("id").equals(small["reference"].sort_by("id"))
+
+
+@pytest.mark.parametrize("engine,given,output,extra,why", [
+    ("ray", "exports", "exports/answers", [], "lies inside the input directory"),  # the next run would read it
+    ("local", "exports", "exports/answers.parquet", [], "lies inside the input directory"),
+    ("ray", "exports/day-1/in.parquet", "exports", ["--overwrite"], "contains the input"),  # would delete it
+    ("local", "exports/day-1/in.parquet", "exports/day-1/in.parquet", ["--overwrite"], "is also an input"),
+])
+def test_an_output_over_the_inputs_is_refused(bert_dir, tmp_path, engine, given, output, extra, why):
+    (tmp_path / "exports" / "day-1").mkdir(parents=True)
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 3), tmp_path / "exports" / "day-1" / "in.parquet")
+    r = run_cli("run", tmp_path / given, "-o", tmp_path / output, "--model", bert_dir, "--engine", engine, *extra)
+    assert r.returncode == 2, r.stderr
+    assert f"output {tmp_path / output} {why}" in r.stderr and "choose" in r.stderr
+    assert os.listdir(tmp_path / "exports" / "day-1") == ["in.parquet"]
+
+
+def test_a_killed_actor_loses_and_repeats_no_row(small, cluster, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "killed-once"
+    r = run(small_command(small, out, cluster), QA_BATCH_CRASH_ONCE=f"ray_window:{marker}")
+    assert r.returncode == 0, r.stderr
+    assert marker.exists()  # an actor did die mid-shard; Ray Data started another and redid the shard
+    assert pq.read_table(out).equals(small["reference"])
+
+
+def test_ray_reads_and_writes_s3_and_publishes_again_after_a_kill(small, s3):
+    # its own Ray instance: the actors find the S3 endpoint in the environment they inherit
+    # (credentials too: qa-batch never ships them to a cluster)
+    s3["fs"].create_dir("nightly/ray-in")
+    for name in sorted(os.listdir(small["input"])):
+        pq.write_table(pq.read_table(small["input"] / name), f"nightly/ray-in/{name}", filesystem=s3["fs"])
+    cmd = ["run", "s3://nightly/ray-in/", "-o", "s3://nightly/ray-out", "--model", small["model"], "--engine", "ray",
+           "--cpu-workers", "1", *SMALL, "--rows-per-batch", "12"]
+    # killed while copying the files in (object stores cannot rename a directory): no _SUCCESS yet
+    r = run_cli(*cmd, env={**s3["env"], "QA_BATCH_CRASH_AT": "publishing:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+
+    def listed(prefix):
+        return sorted(f.base_name for f in s3["fs"].get_file_info(pafs.FileSelector(prefix, allow_not_found=True)))
+
+    assert listed("nightly/ray-out") == ["part-000000000000-000000000012.parquet"]
+    r = run_cli(*cmd, env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    assert listed("nightly/ray-out") == ["_SUCCESS", "part-000000000000-000000000012.parquet",
+                                         "part-000000000012-000000000024.parquet"]
+    assert listed("nightly") == ["ray-in", "ray-out"]  # the staging directory removed
+    assert pq.read_table("nightly/ray-out", filesystem=s3["fs"]).equals(small["reference"])
 
 
 def test_without_ray_the_ray_engine_says_which_extra_to_install(bert_dir, tmp_path):
