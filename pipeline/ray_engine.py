@@ -56,6 +56,7 @@ from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, sp
 from .write import METADATA_KEY, count_answers, output_schema
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
+_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the hub client looks, not from us
 CORES_PER_CPU_ACTOR = 4  # default: a CPU actor runs up to 4 workers sharing one model copy
 _COUNTS = ("rows", "chunks", "answered", "errors")
 
@@ -317,7 +318,9 @@ def _init(ray, address: str | None) -> None:
     (ray.init installs its own: SIGTERM would exit at once with code 15)."""
     main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_"))}
+    # settings for the actors (offline mode, cache, test hooks); never a credential: a runtime_env
+    # is stored in the cluster's job table, visible in its dashboard
+    env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_")) and k not in _SECRETS}
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": env} if env else None)
     for s, handler in handlers.items():
