@@ -162,13 +162,18 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 linear layers for the CPU: weights int8, activations quantized per batch.
 
     Uses torch.ao.quantization.quantize_dynamic, deprecated in favour of torchao but built
-    into torch and fast on x86 without compilation; the QA head stays in float32.
+    into torch and fast on x86 without compilation; the QA head stays in float32. Weights get
+    one scale per output channel: with one scale per matrix (the default qconfig) a trained
+    MiniLM's logits moved by 0.40 on average and only 35% of its best start/end tokens stayed
+    those of float32; per channel, 0.25 and 65% (BENCHMARKS.md, "Answer quality"). What is
+    left comes from the activations, quantized with one scale per batch: keeping whole
+    feed-forward blocks in float32 only reached 75-81% and gave back most of the speed.
     """
     try:
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
         raise UsageError("--quantize int8 needs torch.ao.quantization, which this torch lacks") from None
-    spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
+    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not name.endswith("qa_outputs")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
