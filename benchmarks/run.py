@@ -11,6 +11,15 @@ each --ref-batch-sizes and `qa-batch run` (Parquet in, Parquet out) on the same
 checkpoint, inputs, max_seq_len and stride; on CUDA also a bare forward loop over
 pre-tokenized length-sorted batches and the card's measured bf16 matmul peak. It prints a
 Markdown table and appends it to BENCHMARKS.md (unless --no-append).
+
+The CPU paths side by side, with answer quality on the trained model (--quality runs
+benchmarks/quality.py with the same variants: F1 and same-span share against float32):
+
+    python benchmarks/run.py --device cpu --quality \
+        --variants "--quantize int8;--backend onnxruntime;--backend onnxruntime --quantize int8"
+
+A `--backend onnxruntime` variant first answers one row, untimed, so that its export is made
+(into $QA_BATCH_CACHE, by default <--work>/onnx-cache) before the timed run takes it from the cache.
 """
 
 from __future__ import annotations
@@ -70,6 +79,11 @@ def run_qa_batch(ckpt: str, inp: str, out: str, device: str, seq: int, stride: i
     cmd = [sys.executable, "-m", "jobs.cli", "run", inp, "-o", out, "--overwrite", "--quiet", "--model", ckpt,
            "--device", device, "--max-seq-len", str(seq), "--doc-stride", str(stride), "--report", report, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if "onnxruntime" in extra:  # the export (once per checkpoint and variant) is not part of the timed run
+        warm = subprocess.run(cmd[:-len(extra) - 2] + ["--limit", "1", *extra], capture_output=True, text=True,
+                              env=env, cwd=ROOT)
+        if warm.returncode != 0:
+            raise SystemExit(f"qa-batch failed:\n{warm.stderr[-3000:]}")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"qa-batch failed:\n{r.stderr[-3000:]}")
@@ -79,6 +93,9 @@ def run_qa_batch(ckpt: str, inp: str, out: str, device: str, seq: int, stride: i
     rep["answers"] = list(zip(t["answer_start"].to_pylist(), t["answer_end"].to_pylist()))
     rep["seconds"] = rep["elapsed_s"] - rep["stage_seconds"].get("load_model", 0.0)
     return rep
+
+
+NO_REFERENCE = {"rows": 0, "chunks": 0, "seconds": 0.0, "answers": [], "peak_rss_mb": None}  # --ref-python ''
 
 
 def same_spans(a: list, b: list) -> float:
@@ -175,7 +192,8 @@ def main() -> None:
     ap.add_argument("--ref-rows", default=None,
                     help="rows the old pipeline answers per dataset (default: as --rows); on a GPU it is "
                          "30x slower, so fewer rows keep the run short while qa-batch gets enough to warm up")
-    ap.add_argument("--ref-python", default=os.path.join(HERE, "work", "ref-venv", "bin", "python"))
+    ap.add_argument("--ref-python", default=os.path.join(HERE, "work", "ref-venv", "bin", "python"),
+                    help="Python of an environment with transformers==5.2.0 ('' to skip the old pipeline)")
     ap.add_argument("--ref-batch-sizes", default=None, help="default: 1,8,64 on CPU, 64 on CUDA")
     ap.add_argument("--variants", default=None,
                     help="extra qa-batch option sets, ';'-separated, e.g. '--dtype bfloat16;--quantize int8'")
@@ -185,7 +203,15 @@ def main() -> None:
     ap.add_argument("--doc-stride", type=int, default=128)
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--json", default=None, help="also write every measurement here")
+    ap.add_argument("--quality", action="store_true",
+                    help="also run benchmarks/quality.py on the trained model with the same --variants "
+                         "(F1 and same-span share against float32; --quality-args passes it more options)")
+    ap.add_argument("--quality-args", default="", help="extra options for benchmarks/quality.py, e.g. '--settings paragraphs'")
     args = ap.parse_args()
+    os.environ.setdefault("QA_BATCH_CACHE", os.path.join(args.work, "onnx-cache"))  # --backend onnxruntime exports
+    if args.ref_python and not os.path.exists(args.ref_python):
+        raise SystemExit(f"--ref-python {args.ref_python} does not exist: make it (BENCHMARKS.md, How to run) "
+                         "or pass --ref-python '' to skip the old pipeline")
 
     cuda = args.device == "cuda"
     sizes = (args.sizes or ("base,large" if cuda else "small")).split(",")
@@ -210,24 +236,25 @@ def main() -> None:
             inp = subset(inputs[ds], int(rows[ds]), os.path.join(args.work, f"{ds}-{rows[ds]}.parquet"))
             ref_inp = subset(inputs[ds], int(ref_rows[ds]), os.path.join(args.work, f"{ds}-{ref_rows[ds]}.parquet"))
             refs = {bs: run_reference(args.ref_python, ckpt, ref_inp, bs, args.device, dtype, seq, stride)
-                    for bs in ref_bs}
-            best_bs = max(refs, key=lambda b: refs[b]["rows"] / refs[b]["seconds"])
-            ref = refs[best_bs]
+                    for bs in ref_bs} if args.ref_python else {}
+            best_bs = max(refs, key=lambda b: refs[b]["rows"] / refs[b]["seconds"]) if refs else None
+            ref = refs[best_bs] if refs else NO_REFERENCE
             float32_answers = None
             for extra in [[]] + variants:
                 ours = run_qa_batch(ckpt, inp, os.path.join(args.work, f"out-{size}-{ds}.parquet"),
                                     args.device, seq, stride, extra)
-                agree = same_spans(ours["answers"], ref["answers"])
+                agree = same_spans(ours["answers"], ref["answers"]) if refs else None
                 float32_answers = float32_answers or ours["answers"]
                 run = {
                     "size": size, "dataset": ds, "variant": " ".join(extra) or "default", "rows": ours["rows"],
                     "ref_rows": ref["rows"], "chunks": ours["chunks"], "ref_batch_size": best_bs,
                     "ref_rows_per_s": {b: r["rows"] / r["seconds"] for b, r in refs.items()},
-                    "ref_chunks_per_s": ref["chunks"] / ref["seconds"], "ref_peak_rss_mb": ref["peak_rss_mb"],
+                    "ref_chunks_per_s": ref["chunks"] / ref["seconds"] if refs else None,
+                    "ref_peak_rss_mb": ref["peak_rss_mb"],
                     "qa_rows_per_s": ours["rows"] / ours["seconds"], "qa_chunks_per_s": ours["chunks"] / ours["seconds"],
                     # chunks/s: equal to the rows/s ratio on the same rows, and fair when the old
                     # pipeline answered only the first rows (they need a different number of chunks)
-                    "ratio": (ours["chunks"] / ours["seconds"]) / (ref["chunks"] / ref["seconds"]),
+                    "ratio": (ours["chunks"] / ours["seconds"]) / (ref["chunks"] / ref["seconds"]) if refs else None,
                     "agreement": agree, "agreement_vs_default": same_spans(ours["answers"], float32_answers),
                     "padding_efficiency": ours["padding_efficiency"],
                     "stage_seconds": ours["stage_seconds"], "bottleneck": ours.get("bottleneck", ""), "qa_peak_rss_mb": ours.get("peak_rss_mb"),
@@ -241,13 +268,18 @@ def main() -> None:
                 print(json.dumps(run), flush=True)
 
     table = markdown(results, cuda)
-    print(table)
+    print(table, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if not args.no_append:
         with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
             f.write("\n" + table + "\n")
+    if args.quality:  # the same variants on trained weights: F1 and same-span share against float32
+        cmd = [sys.executable, os.path.join(HERE, "quality.py"), "--steps", "quality", "--squad", args.squad,
+               "--variants", args.variants or "", "--ref-python", args.ref_python,
+               *(["--append"] if not args.no_append else []), *args.quality_args.split()]
+        subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def markdown(results: dict, cuda: bool) -> str:
@@ -265,12 +297,16 @@ def markdown(results: dict, cuda: bool) -> str:
         head += " bare loop chunks/s | qa-batch / bare | MFU |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["runs"]:
-        refs = ", ".join(f"{b}: {v:.2f}" for b, v in r["ref_rows_per_s"].items())
+        refs = ", ".join(f"{b}: {v:.2f}" for b, v in r["ref_rows_per_s"].items()) or "—"
+        ref_chunks = "—" if r["ref_chunks_per_s"] is None else f"{r['ref_chunks_per_s']:.1f}"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        agree = "—" if r["agreement"] is None else f"{r['agreement'] * 100:.0f}%"
+        ref_rss = "—" if r["ref_peak_rss_mb"] is None else f"{r['ref_peak_rss_mb']:.0f}"
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items() if v >= 0.05)
         line = (f"| {r['size']} | {r['dataset']} | {r['variant']} | {r['rows']} ({r['ref_rows']}) | {r['chunks']} | {refs} | "
-                f"{r['ref_chunks_per_s']:.1f} | {r['qa_rows_per_s']:.2f} | {r['qa_chunks_per_s']:.1f} | "
-                f"{r['ratio']:.2f}x | {r['agreement'] * 100:.0f}% / {r['agreement_vs_default'] * 100:.0f}% | {r['padding_efficiency']:.2f} | {stages} | "
-                f"{r.get('bottleneck', '')} | {r['ref_peak_rss_mb']:.0f} / {r['qa_peak_rss_mb'] or 0:.0f} |")
+                f"{ref_chunks} | {r['qa_rows_per_s']:.2f} | {r['qa_chunks_per_s']:.1f} | "
+                f"{ratio} | {agree} / {r['agreement_vs_default'] * 100:.0f}% | {r['padding_efficiency']:.2f} | {stages} | "
+                f"{r.get('bottleneck', '')} | {ref_rss} / {r['qa_peak_rss_mb'] or 0:.0f} |")
         if cuda:
             if "bare_chunks_per_s" in r:
                 line += (f" {r['bare_chunks_per_s']:.0f} | {r['qa_chunks_per_s'] / r['bare_chunks_per_s'] * 100:.0f}% | "
