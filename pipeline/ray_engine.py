@@ -30,7 +30,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import math
 import os
 import queue
 import re
@@ -115,7 +114,8 @@ class RayPlan:
     """What the driver prints before any work: the actor pool and the shards."""
 
     actors: int
-    max_actors: int  # the autoscaling pool grows to this as nodes join (= actors: fixed)
+    max_actors: int  # the autoscaling pool grows to this as nodes join
+    fixed: bool  # asked for: the pool does not grow
     gpus_each: int
     cpus_each: float
     threads_each: int
@@ -130,8 +130,8 @@ class RayPlan:
         kind = "GPU" if self.gpus_each else "CPU"
         each = (f"1 GPU and {self.cpus_each:g} CPU each" if self.gpus_each else
                 f"{self.cpus_each:g} CPU, {self.threads_each} worker thread{'s' * (self.threads_each != 1)} each")
-        grow = (f", up to {self.max_actors} as the cluster grows" if self.max_actors > self.actors else
-                "" if self.max_actors < self.actors else ", fixed")
+        grow = (", fixed" if self.fixed else
+                f", up to {self.max_actors} as the cluster grows" if self.max_actors > self.actors else "")
         before = f" ({self.rows_done_before} answered before)" if self.rows_done_before else ""
         return (f"Ray plan: {self.actors} {kind} actor{'s' * (self.actors != 1)} ({each}{grow}) on a cluster of "
                 f"{self.cluster_cpus:g} CPUs and {self.cluster_gpus:g} GPUs; {self.shards} shard"
@@ -268,7 +268,8 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             shards = split_ranges(todo, config.rows_per_window, shard_rows)
             max_actors = actors.actors if actors.fixed else max(actors.actors, len(shards))
             if on_plan is not None:
-                on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, gpus_each=int(actors.gpu),
+                on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, fixed=actors.fixed,
+                                gpus_each=int(actors.gpu),
                                 cpus_each=actors.cpus, threads_each=actors.threads,
                                 cluster_cpus=actors.cluster_cpus, cluster_gpus=actors.cluster_gpus,
                                 shards=len(shards), rows_per_shard=max((b - a for a, b in shards), default=0),

@@ -53,13 +53,17 @@ def tile(found: list[Range], total: int) -> tuple[list[Range], list[Range], list
     `found` are the ranges of the shard files present. Shards of runs with different shard
     sizes can overlap (a run cut short, resumed with more actors); their rows are the same
     windows with the same answers, so any choice is right: the longest first from each start.
-    `redundant` overlap a kept shard (or lie outside [0, total)); `missing` are the gaps.
+    `redundant` overlap a kept shard (or lie outside [0, total)); `missing` are the gaps. An empty
+    table's output is one empty file, (0, 0).
     """
     kept: list[Range] = []
     redundant: list[Range] = []
     missing: list[Range] = []
     pos = 0
     for a, b in sorted(found, key=lambda r: (r[0], -r[1])):
+        if (a, b) == (0, 0) == (pos, total) and not kept:
+            kept.append((0, 0))
+            continue
         if a < pos or b <= a or b > total:
             redundant.append((a, b))
             continue

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -202,6 +203,18 @@ def test_the_rows_are_counted_before_the_commit(small, cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "24 rows" in r.stderr and not (tmp_path / "out.partial").exists()
     assert pq.read_table(out).sort_by("id").equals(small["reference"].sort_by("id"))
+
+
+def test_an_empty_table_gives_one_empty_file_with_the_schema(small, cluster, tmp_path):
+    pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("id", "passage", "question")}),
+                   tmp_path / "empty.parquet")
+    r = run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "empty.parquet"), "-o",
+            str(tmp_path / "out"), "--model", small["model"], "--engine", "ray", *cluster])
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["_SUCCESS", "part-000000000000-000000000000.parquet"]
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 0 and "answer" in table.column_names
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["rows"] == 0
 
 
 @pytest.mark.parametrize("engine,given,output,extra,why", [

@@ -29,7 +29,8 @@ def test_shard_names_give_back_their_row_range_and_sort_in_row_order():
     ([(0, 8), (0, 4), (4, 8), (8, 12)], 12, [(0, 8), (8, 12)], [(0, 4), (4, 8)], []),
     ([(0, 8), (4, 12)], 16, [(0, 8)], [(4, 12)], [(8, 16)]),
     ([(0, 4), (8, 20)], 10, [(0, 4)], [(8, 20)], [(4, 10)]),  # beyond the rows planned: not this job's
-    ([(0, 0)], 0, [], [(0, 0)], []),
+    ([(0, 0)], 0, [(0, 0)], [], []),  # an empty table: one empty file
+    ([(0, 0), (0, 4)], 4, [(0, 4)], [(0, 0)], []),
 ])
 def test_tile_keeps_each_row_once_and_names_the_gaps(found, total, kept, redundant, missing):
     assert tile(found, total) == (kept, redundant, missing)
