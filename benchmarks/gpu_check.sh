@@ -35,6 +35,13 @@ print(f"cuda fp32 vs cpu: same span {same}/{len(a)}, max score diff {near:.2e}; 
 PY
 fi
 
+if [ -d .whl/minilm-squad2 ]; then  # the trained model (save it in float16 to fit what a run carries)
+echo "== answer quality on CUDA, trained MiniLM: float32 vs float16 vs bfloat16 (F1, same span)"
+timeout ${QUALITY_TIMEOUT:-240} python3 benchmarks/quality.py --device cuda --model .whl/minilm-squad2 --squad .whl/squad.json \
+  --ref-python '' --steps quality --variants "--dtype float16;--dtype bfloat16" --work /tmp/quality \
+  --results "$OUT/quality-cuda.json" 2>&1 | tail -12
+fi
+
 echo "== benchmark"
 QA_BENCH_REF_PYTHONPATH=/tmp/ref QA_BENCH_TOKENIZER=$PWD/.whl/bert-tokenizer \
   timeout ${BENCH_TIMEOUT:-420} python3 benchmarks/run.py --device cuda --ref-python python3 --squad .whl/squad.json \

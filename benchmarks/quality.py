@@ -81,16 +81,18 @@ def build_inputs(args) -> dict[str, str]:
 
 
 def run_qa_batch(args, setting: str, gold: str, name: str, extra: list[str]) -> str:
-    out = os.path.join(args.work, f"answers-{setting}-{name}.parquet")
+    suffix = "" if gold.endswith(f"gold-{setting}.parquet") else "-" + gold.rsplit("-", 1)[-1].removesuffix(".parquet")
+    out = os.path.join(args.work, f"answers-{setting}-{name}{suffix}.parquet")
     if not (args.reuse and os.path.exists(out)):
-        qa_batch(args, "run", gold, "-o", out, "--overwrite", "--quiet", "--model", args.model, "--device", "cpu",
+        qa_batch(args, "run", gold, "-o", out, "--overwrite", "--quiet", "--model", args.model, "--device", args.device,
                  "--allow-null", "--top-k", "2", "--keep-columns", "title", *LENGTHS, *extra)
     return out
 
 
 def run_reference(args, setting: str, gold: str) -> str:
     """The old pipeline's answers as a qa-batch-like table (id, title, answer, offsets, score)."""
-    out = os.path.join(args.work, f"answers-{setting}-old.parquet")
+    suffix = "" if gold.endswith(f"gold-{setting}.parquet") else "-" + gold.rsplit("-", 1)[-1].removesuffix(".parquet")
+    out = os.path.join(args.work, f"answers-{setting}-old{suffix}.parquet")
     if args.reuse and os.path.exists(out):
         return out
     cmd = [args.ref_python, os.path.join(HERE, "reference_pipeline.py"), args.model, gold, "--batch-size", "8",
@@ -113,16 +115,25 @@ def run_reference(args, setting: str, gold: str) -> str:
     return out
 
 
-def spans(path: str) -> list[tuple]:
+def spans(path: str) -> dict:
     t = pq.read_table(path, columns=["id", "answer_start", "answer_end"])
-    return list(zip(t["id"].to_pylist(), t["answer_start"].to_pylist(), t["answer_end"].to_pylist()))
+    return dict(zip(t["id"].to_pylist(), zip(t["answer_start"].to_pylist(), t["answer_end"].to_pylist())))
 
 
 def same_span(a: str, b: str) -> float:
-    """Share of rows with the same answer: the same character span, or both null."""
+    """Share of a's rows whose answer is b's: the same character span, or both null."""
     x, y = spans(a), spans(b)
-    assert [r[0] for r in x] == [r[0] for r in y], "row order differs"
-    return sum(p == q for p, q in zip(x, y)) / max(len(x), 1)
+    return sum(y.get(i) == v for i, v in x.items()) / max(len(x), 1)
+
+
+def every_kth(gold: str, k: int) -> str:
+    """Every k-th row of a gold table (both articles), for the slow runs on whole articles."""
+    if k <= 1:
+        return gold
+    out = gold.replace(".parquet", f"-every{k}.parquet")
+    t = pq.read_table(gold)
+    pq.write_table(t.take(list(range(0, t.num_rows, k))), out)
+    return out
 
 
 def split_by_title(path: str, title: str, out: str) -> str:
@@ -138,16 +149,20 @@ def quality(args, gold: dict) -> dict:
     results = {}
     for setting in args.settings:
         res = results[setting] = {}
-        base = run_qa_batch(args, setting, gold[setting], "float32", [])
+        base = run_qa_batch(args, setting, gold[setting], "float32", ["--dtype", "float32"])
         res["qa-batch"] = evaluate(args, base, gold[setting])
+        k = args.articles_every if setting == "articles" else 1
+        part = every_kth(gold[setting], k)  # the slow runs answer every k-th row; float32 is scored on them too
+        if k > 1:
+            res[f"qa-batch, every {k}th row"] = evaluate(args, base, part)
         if args.ref_python:
-            old = run_reference(args, setting, gold[setting])
-            res["old pipeline"] = evaluate(args, old, gold[setting])
-            res["old pipeline"]["same_span_as_qa_batch"] = same_span(old, base)
+            old = run_reference(args, setting, part)
+            res["old pipeline"] = evaluate(args, old, part)
+            res["old pipeline"]["same_span_as_float32"] = same_span(old, base)
         for variant in args.variants:
             name = variant.strip("-").replace(" ", "-")
-            path = run_qa_batch(args, setting, gold[setting], name, variant.split())
-            res[variant] = evaluate(args, path, gold[setting])
+            path = run_qa_batch(args, setting, part, name, variant.split())
+            res[variant] = evaluate(args, path, part)
             res[variant]["same_span_as_float32"] = same_span(path, base)
     return results
 
@@ -178,7 +193,8 @@ def calibration(args, gold: dict) -> dict:
                 if setting == "paragraphs":  # the run path must give what eval computed offline
                     out = os.path.join(args.work, f"answers-{setting}-{test_on}-calibrated.parquet")
                     qa_batch(args, "run", parts[test_on][1], "-o", out, "--overwrite", "--quiet", "--model",
-                             args.model, "--device", "cpu", "--top-k", "2", *LENGTHS, "--calibration", cal)
+                             args.model, "--device", args.device, "--dtype", "float32", "--top-k", "2", *LENGTHS,
+                             "--calibration", cal)
                     ran = evaluate(args, out, parts[test_on][1])
                     row["run_with_calibration"] = {"ece": ran["ece"], "brier": ran["brier"], "f1": ran["f1"]}
                 res.append(row)
@@ -206,17 +222,18 @@ def markdown(quality_res: dict, cal_res: dict, args) -> str:
                     f"{'—' if same is None else f'{100 * same:.1f}%'} |")
         lines.append("")
     if cal_res:
-        lines += ["| setting | fit on (rows) | evaluated on (rows) | null bias | ECE before → after | "
-                  "Brier before → after | F1 before → after | ECE after, `run --calibration` |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["| setting | fit on (rows) | evaluated on (rows) | null bias | ECE as run → null bias only → "
+                  "calibrated | Brier as run → calibrated | F1 as run → with the null bias | share right after | "
+                  "ECE of `run --calibration` |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for setting, rows in cal_res.items():
             for r in rows:
-                b, a = r["test"]["before"], r["test"]["after"]
+                b, m, a = r["test"]["before"], r["test"]["null_bias_only"], r["test"]["after"]
                 ran = r.get("run_with_calibration")
                 lines.append(
                     f"| {setting} | {r['fit_on']} ({r['fit_rows']}) | {r['test_on']} ({r['test_rows']}) | "
-                    f"{pct(r['null_bias'])} | {b['ece']:.3f} → {a['ece']:.3f} | {b['brier']:.3f} → {a['brier']:.3f} | "
-                    f"{b['f1']:.2f} → {a['f1']:.2f} | {'—' if ran is None else format(ran['ece'], '.3f')} |")
+                    f"{pct(r['null_bias'])} | {b['ece']:.3f} → {m['ece']:.3f} → {a['ece']:.3f} | "
+                    f"{b['brier']:.3f} → {a['brier']:.3f} | {b['f1']:.2f} → {a['f1']:.2f} | {a['right']:.2f} | "
+                    f"{'—' if ran is None else format(ran['ece'], '.3f')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -224,6 +241,7 @@ def markdown(quality_res: dict, cal_res: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (then e.g. --variants '--dtype float16;--dtype bfloat16')")
     ap.add_argument("--squad", default=DEFAULT_SQUAD)
     ap.add_argument("--work", default=os.path.join(HERE, "work", "quality"))
     ap.add_argument("--settings", default="paragraphs,articles")
@@ -231,6 +249,9 @@ def main() -> None:
                     help="faster paths, ';'-separated qa-batch run options")
     ap.add_argument("--ref-python", default=os.path.join(HERE, "work", "ref-venv", "bin", "python"),
                     help="Python of an environment with transformers==5.2.0 ('' to skip the old pipeline)")
+    ap.add_argument("--articles-every", type=int, default=1,
+                    help="on whole articles, run the old pipeline and the faster paths on every k-th row only "
+                         "(float32 is then also scored on those rows): they take an hour each on 2 CPU cores")
     ap.add_argument("--qa-root", default=ROOT, help="checkout whose qa-batch runs (default: this one)")
     ap.add_argument("--steps", default="quality,calibration")
     ap.add_argument("--reuse", action="store_true", help="keep answers already in --work")
@@ -244,9 +265,13 @@ def main() -> None:
                          "or pass --ref-python '' to skip the old pipeline")
     os.makedirs(args.work, exist_ok=True)
     args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=args.qa_root).stdout.strip() or "unknown"
+                                 cwd=ROOT).stdout.strip() or "unknown"
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU")
     args.device_name = f"CPU {model}, {os.cpu_count()} cores"
+    if args.device.startswith("cuda"):
+        import torch
+
+        args.device_name = torch.cuda.get_device_name(0)
     gold = build_inputs(args)
     steps = args.steps.split(",")
     q = quality(args, gold) if "quality" in steps else {}
