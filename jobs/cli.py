@@ -66,6 +66,15 @@ def run(
              "else a 'row' column with 0-based row numbers.", rich_help_panel="Input and output"),
     keep_columns: Optional[str] = typer.Option(None, show_default=False,
         help="Comma-separated input columns to copy to the output, e.g. 'title,source'.", rich_help_panel="Input and output"),
+    questions: Optional[str] = typer.Option(None, "--questions", show_default=False, rich_help_panel="Questions",
+        help="Ask every question of this file of every row's passage (the input then needs no question column): "
+             "a .txt file, one question a line, or a .csv or .parquet table with a 'question' column and an "
+             "optional 'field' column naming each. One output row per input row and question."),
+    question: Optional[List[str]] = typer.Option(None, "--question", show_default=False, rich_help_panel="Questions",
+        help="A question to ask of every row's passage, as --questions does; repeat it for several."),
+    wide: bool = typer.Option(False, "--wide", rich_help_panel="Questions",
+        help="With --questions or --question: one output row per input row, with a group of columns per "
+             "question named by its field (else q0, q1, ...): <field>, <field>_start, <field>_score, ..."),
     max_seq_len: int = typer.Option(384, help="Tokens per chunk, special tokens included (at most the model's limit).", rich_help_panel="Answers"),
     doc_stride: int = typer.Option(128, help="Passage tokens shared by consecutive chunks.", rich_help_panel="Answers"),
     max_answer_len: int = typer.Option(30, help="Longest answer, in tokens.", rich_help_panel="Answers"),
@@ -93,6 +102,9 @@ def run(
         "(about 2x). Answers differ from float32: on a trained MiniLM 38% of SQuAD paragraph answers changed and "
         "F1 fell by 1.1 (0.4 at the best null threshold); see BENCHMARKS.md, Answer quality.",
         rich_help_panel="Model and device"),
+    backend: str = typer.Option("torch", help="torch, or onnxruntime: the model exported once to ONNX (cached in "
+        "$QA_BATCH_CACHE/onnx, default ~/.cache/qa-batch/onnx) and run by ONNX Runtime on the CPU, float32 or with "
+        "--quantize int8 (pip install 'qa-batch\\[onnxruntime]').", rich_help_panel="Model and device"),
     batch_size: Optional[int] = typer.Option(None, show_default=False,
         help="Most chunks per forward pass. Default: 256 on CUDA, 4 per worker on CPU.", rich_help_panel="Throughput"),
     max_batch_tokens: Optional[int] = typer.Option(None, show_default=False,
@@ -131,6 +143,8 @@ def run(
     """Answer every (passage, question) row of INPUT and write the answers to Parquet.
 
     Example: qa-batch run input.parquet --model ./my-squad2-model --allow-null
+
+    Or ask the same questions of every passage: qa-batch run contracts.parquet --questions fields.csv --wide
     """
     from pipeline.config import RunConfig, default_model
     from pipeline.engine import run as run_engine
@@ -140,9 +154,10 @@ def run(
         inputs=tuple(inputs), output=output, model=model or default_model(),
         passage_col=passage_col, question_col=question_col, id_col=id_col,
         keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns else (),
+        questions=questions, question=tuple(question or ()), wide=wide,
         max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len,
         truncate_question=truncate_question, max_question_len=max_question_len, top_k=top_k,
-        allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize,
+        allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize, backend=backend,
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, rows_per_window=rows_per_window, cpu_workers=cpu_workers,
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,

@@ -215,6 +215,14 @@ class Chunker:
             return self.backend.encode_batch_fast(texts, add_special_tokens=False)
         return self.backend.encode_batch(texts, add_special_tokens=False)
 
+    def question_tokens(self, questions: list[str]) -> list[np.ndarray]:
+        """Each question's token ids as its chunks hold them (its first `max_question_len` with
+        --truncate-question); also what the question list's up-front check measures (questions.py)."""
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in self._encode(questions, with_offsets=False)]
+        if self.max_question_len is not None:
+            ids = [x[: self.max_question_len] for x in ids]
+        return ids
+
     def __call__(self, passages: list[str | None], questions: list[str | None]) -> ChunkSet:
         t = self.template
         errors = [row_error(p, q) for p, q in zip(passages, questions)]
@@ -226,7 +234,7 @@ class Chunker:
         p_index = {p: j for j, p in enumerate(uniq_p)}
         q_index = {q: j for j, q in enumerate(uniq_q)}
         p_enc = self._encode(uniq_p, with_offsets=True)
-        q_ids = [np.asarray(e.ids, dtype=np.int64) for e in self._encode(uniq_q, with_offsets=False)]
+        q_ids = self.question_tokens(uniq_q)
         p_ids = [np.asarray(e.ids, dtype=np.int64) for e in p_enc]
         p_off = [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in p_enc]
 
@@ -245,9 +253,7 @@ class Chunker:
         chunk_count = np.zeros(len(passages), dtype=np.int64)
         for i in ok:
             pj, qj = p_index[passages[i]], q_index[questions[i]]
-            ids_p, ids_q = p_ids[pj], q_ids[qj]
-            if self.max_question_len is not None and len(ids_q) > self.max_question_len:
-                ids_q = q_ids[qj] = ids_q[: self.max_question_len]  # --truncate-question: its first tokens
+            ids_p, ids_q = p_ids[pj], q_ids[qj]  # with --truncate-question, the question's first tokens
             token_base[i] = p_base[pj]
             budget = self.max_seq_len - t.n_special - len(ids_q)
             if len(ids_p) > budget and budget <= self.doc_stride:

@@ -22,6 +22,9 @@ class RunConfig:
     question_col: str = "question"
     id_col: str | None = None  # None: "id" when the input has it, else a "row" column
     keep_columns: tuple[str, ...] = ()
+    questions: str | None = None  # --questions: a file of questions asked of every row (questions.py)
+    question: tuple[str, ...] = ()  # --question, repeated: the questions given one by one
+    wide: bool = False  # with a question list: one output row per input row, a group of columns per question
     max_seq_len: int = 384
     doc_stride: int = 128
     max_answer_len: int = 30
@@ -34,6 +37,7 @@ class RunConfig:
     devices: tuple[str, ...] = ()  # several devices: one worker process each (workers.py)
     dtype: str = "auto"
     quantize: str = "none"  # "int8": dynamic int8 linear layers on the CPU
+    backend: str = "torch"  # "onnxruntime": the model exported to ONNX, run by ONNX Runtime on the CPU (onnx_backend.py)
     batch_size: int | None = None  # chunks per forward; None: per-device default
     max_batch_tokens: int | None = None  # padded tokens per forward; None: batch_size x max_seq_len
     cpu_workers: int | None = None  # CPU only: parallel single-threaded batches; None: torch's thread count
@@ -56,7 +60,7 @@ class RunConfig:
         keys = (
             "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
             "doc_stride", "max_answer_len", "truncate_question", "max_question_len", "top_k", "allow_null", "null_threshold",
-            "dtype", "quantize", "limit", "calibration",
+            "dtype", "quantize", "backend", "limit", "calibration",
         )
         return {k: v for k, v in asdict(self).items() if k in keys}
 
@@ -64,5 +68,6 @@ class RunConfig:
         d = asdict(self)
         d["inputs"] = list(self.inputs)
         d["keep_columns"] = list(self.keep_columns)
+        d["question"] = list(self.question)
         d["devices"] = list(self.devices)
         return d

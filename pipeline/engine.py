@@ -26,16 +26,18 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from . import __version__, calibrate, faults, storage
-from .batch import collate, plan_batches
+from . import __version__, calibrate, faults, onnx_backend, storage
+from .batch import HostBatch, collate, plan_batches
 from .chunk import ChunkSet, Chunker
 from .config import RunConfig
 from .errors import Interrupted, UsageError
 from .infer import Predictor
 from .merge import RowAnswer, WindowSpans, merge_window
 from .model import LoadedModel, load_model
+from .questions import plan_questions
 from .read import InputPlan, RowBatch, plan_inputs, read_windows
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
+from .wide import Pivot
 from .wording import plural
 from .write import answers_table, output_schema, read_metadata
 
@@ -149,6 +151,7 @@ def check_options(c: RunConfig) -> None:
     need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
     need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
+    onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
     if c.calibration:
         check_calibration(c, calibrate.load(c.calibration))
 
@@ -181,6 +184,11 @@ def check_calibration(c: RunConfig, cal: calibrate.Calibration, loaded: LoadedMo
 
         logging.getLogger("qa_batch").warning("applying %s fitted for another run (--force-calibration): %s",
                                               where, "; ".join(differences))
+
+
+def questions_metadata(plan: InputPlan) -> dict:
+    """The question list every row was asked, as the output's metadata holds it (nothing without one)."""
+    return {"questions": plan.questions.as_dict()} if plan.questions is not None else {}
 
 
 def calibration_metadata(c: RunConfig) -> dict:
@@ -238,6 +246,7 @@ class Stages:
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
+        loaded = onnx_backend.prepared(loaded, config)  # --backend onnxruntime: its session replaces the model
         cal = calibrate.load(config.calibration) if config.calibration else None
         if cal is not None:
             check_calibration(config, cal, loaded)
@@ -260,14 +269,22 @@ class Stages:
     def on_cuda(self) -> bool:
         return self.loaded.device.type == "cuda"
 
-    def batches(self, chunks: ChunkSet):
-        """Padded host batches of a window's chunks, longest first."""
+    def batch_plan(self, chunks: ChunkSet) -> list:
+        """Which chunks of a window each batch takes, longest first."""
+        return plan_batches(chunks.lengths, self.batch_size, self.max_batch_tokens)
+
+    def collate(self, chunks: ChunkSet, index) -> HostBatch:
+        """One planned batch, padded on the host."""
         tok = self.loaded.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         pad_left = getattr(tok, "padding_side", "right") == "left"
-        for index in plan_batches(chunks.lengths, self.batch_size, self.max_batch_tokens):
-            yield collate(chunks, index, self.loaded.input_names, pad_id, pad_left,
-                          pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
+        return collate(chunks, index, self.loaded.input_names, pad_id, pad_left,
+                       pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
+
+    def batches(self, chunks: ChunkSet):
+        """Padded host batches of a window's chunks, longest first (each padded when taken)."""
+        for index in self.batch_plan(chunks):
+            yield self.collate(chunks, index)
 
     def merge(self, rows: RowBatch, chunks: ChunkSet, spans: WindowSpans) -> list[RowAnswer]:
         c, cal = self.config, self.calibration
@@ -296,22 +313,25 @@ class Job:
     output: str
     parts: WorkDir
     schema: pa.Schema
-    total_rows: int
+    total_rows: int  # input rows to answer (with a question list, each gives one answer per question)
     started: float  # perf_counter at the start
     started_at: str
+    pivot: Pivot | None = None  # --wide: the output's shape; parts stay long
 
     @classmethod
     def plan_for(cls, config: RunConfig) -> "Job":
         started = time.perf_counter()
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         check_options(config)
+        questions = plan_questions(config)
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
-                           config.keep_columns)
+                           config.keep_columns, questions)
         output = config.output or default_output(config.inputs, plan.files)
         check_apart_from_inputs(output, config.inputs, plan.files)
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
-        return cls(config, plan, output, WorkDir(work_dir_for(output)), output_schema(plan, config.top_k),
-                   total, started, started_at)
+        schema = output_schema(plan, config.top_k)
+        return cls(config, plan, output, WorkDir(work_dir_for(output)), schema, total, started, started_at,
+                   Pivot.build(schema, questions) if config.wide else None)
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay)."""
@@ -320,7 +340,7 @@ class Job:
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
         return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
                 "device": device, "dtype": dtype, "started_at": self.started_at,
-                **calibration_metadata(self.config)}
+                **calibration_metadata(self.config), **questions_metadata(self.plan)}
 
     def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
                    max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -366,7 +386,7 @@ class Job:
             return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
                                "summary": summary.as_dict()}).encode()
 
-        self.parts.assemble(self.output, self.schema, final_metadata)
+        self.parts.assemble(self.output, self.schema, final_metadata, self.pivot)
         summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
         return _reported(summary, self.config)
 
@@ -429,13 +449,18 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
                     faults.point("read")
                     chunks = stages_.chunker(rows.passages, rows.questions)
                     t2 = time.perf_counter()
-                    batches = list(stages_.batches(chunks))
+                    planned = stages_.batch_plan(chunks)
                     stages["read"] += t1 - t0
                     stages["tokenize"] += t2 - t1
                     stages["batch"] += time.perf_counter() - t2
-                    put(_WindowStart(rows, chunks, len(batches)))
-                    for hb in batches:
+                    put(_WindowStart(rows, chunks, len(planned)))
+                    for index in planned:  # padded one at a time: the queue bounds host memory, not the window
+                        t3 = time.perf_counter()
+                        hb = stages_.collate(chunks, index)
+                        stages["batch"] += time.perf_counter() - t3
                         put(hb)
+                        if stop.is_set():
+                            return
                 if stop.is_set():
                     return
             put(_DONE)
@@ -477,7 +502,7 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
             progress.chunks += len(window.chunks)
             progress.errors += sum(a.error is not None for a in answers)
             progress.answered += sum(a.answer is not None for a in answers)
-            on_window(len(answers))
+            on_window(window.rows.input_rows)
 
     try:
         producer.start()
@@ -532,13 +557,14 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     """
     job = Job.plan_for(config)
     job.check_output()
-    devices = config.devices or devices_for(config.device)
+    devices = config.devices or devices_for(onnx_backend.device_spec(config, config.device))
     if loaded is None and len(devices) > 1:
         from .workers import run_on_devices
         return run_on_devices(job, devices, stop_requested)
 
     t_load = time.perf_counter()
     loaded = loaded or load_model(config.model, devices[0], config.dtype, config.quantize)
+    loaded = onnx_backend.prepared(loaded, config)  # exported or taken from the cache: load time too
     t_load = time.perf_counter() - t_load
     model_rss_mb = _current_rss_mb()
     check_max_seq_len(config, loaded.max_positions)
@@ -550,7 +576,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     if todo is None:
         stages_.predictor.close()
         return job.already_done()
-    done_before = job.total_rows - sum(end - start for start, end in todo)
+    done_before = job.total_rows - sum(end - start for start, end in todo)  # input rows (the bar's unit)
+    answered_before = done_before * job.plan.answers_per_row  # output rows, long form (the summary's)
     predictor = stages_.predictor
     progress = Progress(stages=collections.Counter(load_model=t_load))
     bar = tqdm(total=job.total_rows, initial=done_before, unit="row", dynamic_ncols=True,
@@ -558,13 +585,13 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     try:
         answer_ranges(stages_, job, todo, progress, bar.update, stop_requested)
     except Interrupted as e:
-        raise Interrupted(done_before + e.rows_done, e.work_dir) from None
+        raise Interrupted(answered_before + e.rows_done, e.work_dir) from None
     finally:
         bar.close()
         predictor.close()
 
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=done_before)
+                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=answered_before)
     summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = predictor.stats.oom_splits
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

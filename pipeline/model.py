@@ -193,6 +193,49 @@ def warm_up(model: torch.nn.Module, device: torch.device, input_names: tuple[str
         raise RuntimeFailure(f"the model does not run on {device}: {e}") from None
 
 
+def _source(model_id: str) -> tuple[bool, bool, dict]:
+    """(local directory?, cache only?, from_pretrained's keyword arguments) for a --model."""
+    local = os.path.isdir(model_id)
+    # Hub ids look like "name" or "org/name"; anything else is meant as a local path.
+    if not local and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise UsageError(f"--model {model_id!r}: no such directory")
+    offline_only = _offline_env() or (not local and not _hub_reachable())
+    return local, offline_only, {"local_files_only": True} if offline_only else {}
+
+
+def _not_loadable(model_id: str, local: bool, offline_only: bool, e: Exception) -> UsageError:
+    if local:
+        return UsageError(f"--model {model_id}: not a loadable question-answering checkpoint ({e})")
+    if offline_only:
+        return not_in_cache(model_id)
+    return UsageError(f"--model {model_id}: could not load it from the hub ({e})")
+
+
+def _require_fast(model_id: str, tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise UsageError(
+            f"--model {model_id}: its tokenizer is not a fast (Rust) tokenizer, which qa-batch needs for "
+            "character offsets; save the checkpoint with a tokenizer.json "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir))"
+        )
+
+
+def load_tokenizer(model_id: str):
+    """The checkpoint's fast tokenizer alone, without the weights: for checks made before the
+    model is loaded (a --questions list too long for --max-seq-len). Fails as load_model does."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    local, offline_only, kwargs = _source(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_loadable(model_id, local, offline_only, e) from None
+    _require_fast(model_id, tokenizer)
+    return tokenizer
+
+
 def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto",
                quantize: str = "none") -> LoadedModel:
     """Load tokenizer and model with from_pretrained, from a local directory or the hub."""
@@ -209,31 +252,15 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
     if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
         raise UsageError("--quantize int8 runs on the CPU in float32: use it with --device cpu and --dtype auto")
 
-    local = os.path.isdir(model_id)
-    # Hub ids look like "name" or "org/name"; anything else is meant as a local path.
-    if not local and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise UsageError(f"--model {model_id!r}: no such directory")
-    offline_only = _offline_env() or (not local and not _hub_reachable())
-    kwargs = {"local_files_only": True} if offline_only else {}
-
+    local, offline_only, kwargs = _source(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForQuestionAnswering.from_pretrained(model_id, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        if local:
-            raise UsageError(f"--model {model_id}: not a loadable question-answering checkpoint ({e})") from None
-        if offline_only:
-            raise not_in_cache(model_id) from None
-        raise UsageError(f"--model {model_id}: could not load it from the hub ({e})") from None
-
-    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
-        raise UsageError(
-            f"--model {model_id}: its tokenizer is not a fast (Rust) tokenizer, which qa-batch needs for "
-            "character offsets; save the checkpoint with a tokenizer.json "
-            "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(dir))"
-        )
+        raise _not_loadable(model_id, local, offline_only, e) from None
+    _require_fast(model_id, tokenizer)
 
     try:
         model.to(device)

@@ -46,12 +46,14 @@ from tqdm import tqdm
 from . import __version__, commit, faults, storage
 from .config import RunConfig
 from .engine import (CPU_BATCH_SIZE, CUDA_BATCH_SIZE, RunSummary, Stages, _reported, calibration_metadata,
-                     check_apart_from_inputs, check_options, default_output)
+                     check_apart_from_inputs, check_options, default_output, questions_metadata)
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from .model import load_model, model_identity
+from .questions import plan_questions
 from .read import InputPlan, open_parquet, plan_inputs, read_windows
 from .resume import MANIFEST, WorkDir, input_fingerprint, work_dir_for
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
+from .wide import Pivot
 from .write import METADATA_KEY, count_answers, output_schema
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
@@ -161,6 +163,7 @@ class RayAnswerer:
         self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
                          "dtype": loaded.dtype_name}
         self.schema = output_schema(plan, config.top_k)
+        self.pivot = Pivot.build(self.schema, plan.questions) if config.wide else None  # shards are counted long
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
@@ -177,8 +180,8 @@ class RayAnswerer:
                 tables.append(self.stages.answer_window(rows, self.schema, self.plan.id_col))
             table = pa.concat_tables(tables)
             counts = count_answers(table)
-            write_shard(self.files, start, end, table, {**self.metadata, "shard": {"start": start, "end": end,
-                                                                                    **counts}})
+            write_shard(self.files, start, end, self.pivot(table) if self.pivot else table,
+                        {**self.metadata, "shard": {"start": start, "end": end, **counts}})
             faults.record("shard_written", f"{start}-{end}")
             out["start"].append(start)
             out["end"].append(end)
@@ -229,8 +232,11 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
     num_gpus = _check_ray_options(config)
     if os.path.isdir(config.model):  # actors start in other folders, on other nodes
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
-    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns)
+    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns,
+                       plan_questions(config))
     schema = output_schema(plan, config.top_k)
+    if config.wide:  # the files' shape
+        schema = Pivot.build(schema, plan.questions).schema
     output = config.output or default_output_dir(config.inputs, plan.files)
     check_apart_from_inputs(output, config.inputs, plan.files)
     staging = work_dir_for(output)
@@ -261,7 +267,8 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
         staged = commit.read_success(files)
         if staged is None or staged.get("job_id") != work.job_id:  # else: killed while publishing
             metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
-                        "started_at": started_at, "job_id": work.job_id, **calibration_metadata(config)}
+                        "started_at": started_at, "job_id": work.job_id, **calibration_metadata(config),
+                        **questions_metadata(plan)}
             todo = _shards_left(files, total)
             done_before = total - _rows(todo)
             shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
@@ -280,17 +287,19 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
                     this_run = _answer_shards(ray, shards, actors, max_actors, config, plan, metadata, files,
                                               model, total, done_before, staging, stop_requested, owns_ray)
                 except Interrupted:  # the rows kept are those in shard files, some not yet reported
-                    raise Interrupted(_rows(tile(list(_shard_files(files)), total)[0]), staging) from None
+                    raise Interrupted(_rows(tile(list(_shard_files(files)), total)[0]) * plan.answers_per_row,
+                                      staging) from None
             if owns_ray:
                 ray.shutdown()  # the actors' resources go back to the cluster before the commit
             if total == 0:  # no rows: one empty file, so that readers still get the schema
                 write_shard(files, 0, 0, schema.empty_table(),
                             {**metadata, "model": model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
-            counts = _check_rows(files, total, staging)
+            counts = _check_rows(files, total, staging, plan.answers_per_row,
+                                 1 if config.wide else plan.answers_per_row)
             elapsed = time.perf_counter() - started
             summary = RunSummary(output=output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
                                  dtype=_dtype_name(config, actors.gpu), started_at=started_at,
-                                 resumed_from_row=done_before, elapsed_s=round(elapsed, 3),
+                                 resumed_from_row=done_before * plan.answers_per_row, elapsed_s=round(elapsed, 3),
                                  rows_per_s=round(this_run["rows"] / elapsed, 2) if elapsed else 0.0,
                                  chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
                                  finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -429,9 +438,11 @@ def _shards_left(files: str, total: int) -> list[Range]:
     return missing
 
 
-def _check_rows(files: str, total: int, staging: str) -> dict:
+def _check_rows(files: str, total: int, staging: str, answers_per_row: int = 1, file_rows_per_row: int = 1) -> dict:
     """Before the commit: every row in exactly one shard file, each file's row count as its name
-    says (from the footers). Returns the counts over all files; RuntimeFailure (exit 3) if not."""
+    says (from the footers). Returns the counts over all files; RuntimeFailure (exit 3) if not.
+    With a question list a shard of n input rows holds n x questions answers, in as many rows
+    (or in n rows with --wide)."""
     found = _shard_files(files)
     if found and faults.lose("ray_commit", found[min(found)]):  # tests: a shard file that went missing
         found = _shard_files(files)
@@ -453,9 +464,10 @@ def _check_rows(files: str, total: int, staging: str) -> dict:
     counts = dict.fromkeys(_COUNTS, 0)
     with concurrent.futures.ThreadPoolExecutor(16 if storage.is_uri(files) else 1) as pool:
         for (a, b), n, shard in pool.map(footer, kept):
-            if n != b - a or shard.get("rows") != n:
-                raise RuntimeFailure(f"{found[(a, b)]} holds {n} rows where its name says {b - a}: delete it and "
-                                     "rerun the same command to answer its rows again")
+            if n != (b - a) * file_rows_per_row or shard.get("rows") != (b - a) * answers_per_row:
+                raise RuntimeFailure(f"{found[(a, b)]} holds {n} rows where its name says "
+                                     f"{(b - a) * file_rows_per_row}: delete it and rerun the same command to "
+                                     "answer its rows again")
             for k in _COUNTS:
                 counts[k] += shard.get(k, 0)
     return counts
@@ -517,7 +529,7 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
     try:
         while True:
             if stop_requested is not None and stop_requested.is_set():
-                raise Interrupted(done_before + this_run["rows"], staging)
+                raise Interrupted(done_before * plan.answers_per_row + this_run["rows"], staging)
             try:
                 item = results.get(timeout=0.2)
             except queue.Empty:
@@ -527,7 +539,7 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
             if isinstance(item, BaseException):
                 raise _job_failure(item, files)
             this_run.update({k: int(item[k]) for k in _COUNTS})
-            bar.update(int(item["rows"]))
+            bar.update(int(item["rows"]) // plan.answers_per_row)  # the bar counts input rows
             faults.point("ray_shard_done")
     except BaseException:
         if owns_ray:

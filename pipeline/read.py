@@ -2,20 +2,29 @@
 
 Everything is checked from the Parquet footers before any model work, so a bad input
 ends the run in seconds with a message that names the file and the column.
+
+With a question list (--questions, questions.py) the input holds documents: each window of
+documents is expanded here into its (row, question) pairs, ordered by row then question, so
+the stages after this one see pairs as usual while the cross product exists for one window
+at a time only (a passage is one string shared by its pairs, and tokenized once).
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import storage
 from .errors import UsageError
+from .questions import QuestionList
+from .wording import plural
 
 
 @dataclass(frozen=True)
@@ -31,20 +40,50 @@ class InputPlan:
     file_rows: tuple[int, ...]  # rows of each file, from its footer (read once, here)
     id_type: pa.DataType | None
     keep_types: tuple[pa.DataType, ...]
+    questions: QuestionList | None = None  # asked of every row (question_col unused); None: rows are pairs
+
+    @property
+    def answers_per_row(self) -> int:
+        """Output rows (long form) per input row: one per question of the list, else one."""
+        return len(self.questions) if self.questions is not None else 1
 
 
 @dataclass
 class RowBatch:
-    """A window of consecutive input rows."""
+    """A window of consecutive input rows: one (passage, question) pair per entry.
 
-    first_row: int  # 0-based number of the first row over all inputs
+    With a question list, entry `r * len(asked) + j` is input row `r` of the window asked
+    question `j`; ids and kept columns are repeated to match.
+    """
+
+    first_row: int  # 0-based number of the first input row over all inputs
     passages: list[str | None]
     questions: list[str | None]
     ids: pa.Array | None  # the id column, as read
     kept: dict[str, pa.Array]  # --keep-columns, as read
+    asked: QuestionList | None = None  # the question list every row was asked; None: one pair per row
 
     def __len__(self) -> int:
         return len(self.questions)
+
+    @property
+    def input_rows(self) -> int:
+        """How many input rows the window covers."""
+        return len(self) // len(self.asked) if self.asked is not None else len(self)
+
+
+def ask_each(rows: RowBatch, asked: QuestionList) -> RowBatch:
+    """A window of documents as its (row, question) pairs, ordered by row then question."""
+    m, n = len(asked), len(rows.passages)
+    take = pa.array(np.repeat(np.arange(n, dtype=np.int64), m))
+    return RowBatch(
+        first_row=rows.first_row,
+        passages=[p for p in rows.passages for _ in range(m)],  # the same string object, m times
+        questions=list(asked.questions) * n,
+        ids=rows.ids.take(take) if rows.ids is not None else None,
+        kept={c: a.take(take) for c, a in rows.kept.items()},
+        asked=asked,
+    )
 
 
 def directory_inputs(spec: str) -> list[str]:
@@ -126,15 +165,23 @@ def plan_inputs(
     question_col: str,
     id_col: str | None,
     keep_columns: tuple[str, ...] = (),
+    questions: QuestionList | None = None,
 ) -> InputPlan:
-    """Resolve the inputs and check every file's schema; raise UsageError on the first problem."""
+    """Resolve the inputs and check every file's schema; raise UsageError on the first problem.
+
+    With `questions` the inputs need no question column: every row is asked the list."""
     files = resolve_inputs(specs)
     schemas = [(f, *_read_schema(f)) for f in files]
 
     first_file, first_schema, _ = schemas[0]
     if id_col is None and "id" in first_schema.names:
         id_col = "id"
-    wanted = [passage_col, question_col] + ([id_col] if id_col else []) + list(keep_columns)
+    if questions is not None and question_col in first_schema.names:
+        logging.getLogger("qa_batch").warning(
+            "the input's %r column is ignored: every row is asked the %s of %s", question_col,
+            plural(len(questions), "question"), questions.source)
+    asks = [] if questions is not None else [question_col]
+    wanted = [passage_col] + asks + ([id_col] if id_col else []) + list(keep_columns)
     reference: dict[str, str] = {}
     for path, schema, _ in schemas:
         for col in wanted:
@@ -169,6 +216,7 @@ def plan_inputs(
         file_rows=tuple(n for _, _, n in schemas),
         id_type=first_schema.field(id_col).type if id_col else None,
         keep_types=tuple(first_schema.field(c).type for c in keep_columns),
+        questions=questions,
     )
 
 
@@ -190,9 +238,10 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
     """Stream the inputs as windows of at most `rows_per_window` rows, in input order.
 
     Memory holds one Parquet record batch and one window, whatever the table's size.
-    `start_row` skips rows already answered (whole files and row groups unread).
+    `start_row` skips rows already answered (whole files and row groups unread). With a
+    question list, each window of `rows_per_window` documents comes as its pairs (ask_each).
     """
-    columns = [plan.passage_col, plan.question_col]
+    columns = [plan.passage_col] + ([plan.question_col] if plan.questions is None else [])
     if plan.id_col:
         columns.append(plan.id_col)
     columns += [c for c in plan.keep_columns if c not in columns]
@@ -220,13 +269,13 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
         batch = RowBatch(
             first_row=row,
             passages=col[plan.passage_col].to_pylist(),
-            questions=col[plan.question_col].to_pylist(),
+            questions=col[plan.question_col].to_pylist() if plan.questions is None else [],
             ids=col[plan.id_col] if plan.id_col else None,
             kept={c: col[c] for c in plan.keep_columns},
         )
         row += pending_rows
         pending, pending_rows = [], 0
-        return batch
+        return batch if plan.questions is None else ask_each(batch, plan.questions)
 
     for path, n_rows in zip(plan.files, plan.file_rows):
         if remaining <= 0:

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from . import faults, storage
 from .errors import RuntimeFailure, UsageError
 from .read import InputPlan
+from .wide import Pivot
 from .write import count_answers, read_metadata
 
 MANIFEST = "manifest.json"
@@ -44,12 +45,19 @@ def work_dir_for(output: str) -> str:
     return storage.with_suffix(output, ".partial")
 
 
+QUESTIONS = "(question list)"  # the inputs' entry for --questions/--question: the questions themselves
+
+
 def input_fingerprint(plan: InputPlan) -> list[dict]:
-    """What identifies the inputs: their paths, sizes and modification times."""
+    """What identifies the inputs: their paths, sizes and modification times; and the question
+    list asked of every row, by its content."""
     out = []
     for path in plan.files:
         st = storage.info(path)
         out.append({"path": storage.identity(path), "size": st.size, "mtime_ns": st.mtime_ns})
+    if plan.questions is not None:
+        out.append({"path": QUESTIONS, "questions": list(plan.questions.questions),
+                    "fields": None if plan.questions.fields is None else list(plan.questions.fields)})
     return out
 
 
@@ -59,6 +67,11 @@ def _describe_difference(old: dict, new: dict) -> str:
         before = {i["path"]: i for i in old.get("inputs", [])}
         after = {i["path"]: i for i in new.get("inputs", [])}
         for path in sorted(set(before) | set(after)):
+            if path == QUESTIONS:
+                if before.get(path) != after.get(path):
+                    return ("the questions asked of every row (--questions, --question) differ from the "
+                            "interrupted run's")
+                continue
             if path not in after:
                 return f"input {path} was part of the interrupted run but is not given now"
             if path not in before:
@@ -180,21 +193,24 @@ class WorkDir:
                 f"could not write {path}: {e.strerror or e}. The finished parts are kept: "
                 "fix the cause (disk space, permissions) and rerun the same command to resume") from None
 
-    def assemble(self, output: str, schema: pa.Schema, metadata_for: Callable[[dict], bytes]) -> dict:
+    def assemble(self, output: str, schema: pa.Schema, metadata_for: Callable[[dict], bytes],
+                 pivot: Pivot | None = None) -> dict:
         """Copy the parts, in order, into `output` (atomically), then remove the work directory.
 
         `metadata_for(counts)` gives the file's qa_batch metadata from the counts over all
         parts (rows, chunks, answered, errors), which are also returned; it must carry
-        this work directory's job id (see `wrote`).
+        this work directory's job id (see `wrote`). Parts hold the long form; with `pivot`
+        (--wide) each is written pivoted.
         """
         tmp = storage.join(storage.parent(output), f".{storage.basename(output)}.assembling.tmp")
         counts = {"rows": 0, "chunks": 0, "answered": 0, "errors": 0}
         try:
             fs, inner = storage.locate(tmp)
-            with pq.ParquetWriter(inner, schema, compression="zstd", filesystem=fs) as writer:
+            with pq.ParquetWriter(inner, pivot.schema if pivot else schema, compression="zstd",
+                                  filesystem=fs) as writer:
                 for _, path in self.parts():
                     table = storage.read_table(path, schema=schema)
-                    writer.write_table(table)
+                    writer.write_table(pivot(table) if pivot else table)
                     for key, n in count_answers(table).items():
                         counts[key] += n
                     faults.point("assembling")

@@ -7,6 +7,7 @@ import polars as pl
 
 from . import storage
 from .errors import UsageError
+from .wide import long_form
 from .wording import plural
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -14,7 +15,7 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def summarize(path: str, by: str | None = None, top: int = 20) -> dict:
     try:
-        df = pl.from_arrow(storage.read_table(path))  # a file or a directory, local or s3://
+        df = pl.from_arrow(long_form(storage.read_table(path), path))  # a file or a directory, local or s3://
     except Exception as e:
         raise UsageError(f"{path}: cannot read it as Parquet ({e})") from None
     for col in ("answer", "error", "confidence"):

@@ -114,7 +114,7 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
                               first["max_batch_tokens"])
         if todo is None:  # this job's output is in place: only the clean-up was left
             return job.already_done()
-        done_before = job.total_rows - sum(end - start for start, end in todo)
+        done_before = job.total_rows - sum(end - start for start, end in todo)  # input rows (the bar's unit)
         for shard in split_ranges(todo, config.rows_per_window, balanced_shard_rows(todo, len(procs))):
             tasks.put(shard)
         for _ in procs:
@@ -131,10 +131,10 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     for f in finals.values():
         progress.add(f["progress"])
     if workers.interrupted:
-        raise Interrupted(done_before + progress.rows, job.parts.path)
+        raise Interrupted(done_before * job.plan.answers_per_row + progress.rows, job.parts.path)
     metadata = job.metadata(first["model"], ",".join(devices), first["dtype"])
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=first["dtype"],
-                         started_at=job.started_at, resumed_from_row=done_before,
+                         started_at=job.started_at, resumed_from_row=done_before * job.plan.answers_per_row,
                          model_rss_mb=max(r["model_rss_mb"] for r in ready.values()))
     summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = sum(f.get("oom_splits", 0) for f in finals.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,11 +26,15 @@ METADATA_KEY = b"qa_batch"
 
 
 def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
-    """The output columns; documented in README.md ("Output schema")."""
+    """The output columns; documented in README.md ("Output schema"). With a question list: one
+    row per (input row, question), the question named by its `field`, else its `question_index`."""
     key = pa.field(plan.id_col, plan.id_type.value_type if pa.types.is_dictionary(plan.id_type)
                    else plan.id_type) if plan.id_col else pa.field("row", pa.int64())
+    asked = [] if plan.questions is None else [
+        pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
     fields = [
         key,
+        *asked,
         pa.field("question", pa.large_string()),
         pa.field("answer", pa.large_string()),
         pa.field("answer_start", pa.int64()),
@@ -46,7 +51,7 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
         fields.append(pa.field("answers", pa.list_(ANSWER_STRUCT)))
     taken = {f.name for f in fields}
     for name, t in zip(plan.keep_columns, plan.keep_types):
-        if name in (plan.id_col, plan.question_col) and name in taken:
+        if name in (plan.id_col, plan.question_col if plan.questions is None else None) and name in taken:
             continue  # already there, with the same values
         if name in taken:
             raise UsageError(f"--keep-columns {name}: the output has a column {name!r} of its own, so the input's "
@@ -57,13 +62,20 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
 
 def answers_table(schema: pa.Schema, rows: RowBatch, answers: list[RowAnswer], top_k: int,
                   id_col: str | None) -> pa.Table:
-    """One output row per input row of the window, in input order."""
+    """One output row per (input row, question) pair of the window, in input order."""
     n = len(answers)
     cols: dict[str, pa.Array] = {}
+    per_row = len(rows.asked) if rows.asked is not None else 1
     if id_col:
         cols[id_col] = rows.ids
     else:
-        cols["row"] = pa.array(range(rows.first_row, rows.first_row + n), pa.int64())
+        cols["row"] = pa.array(rows.first_row + np.arange(n, dtype=np.int64) // per_row, pa.int64())
+    if rows.asked is not None:
+        which = np.arange(n, dtype=np.int32) % per_row
+        if rows.asked.fields is not None:
+            cols["field"] = pa.array(rows.asked.fields, pa.string()).take(pa.array(which))
+        else:
+            cols["question_index"] = pa.array(which, pa.int32())
     cols["question"] = pa.array(rows.questions, pa.large_string())
     cols["answer"] = pa.array([a.answer.text if a.answer else None for a in answers], pa.large_string())
     cols["answer_start"] = pa.array([a.answer.start if a.answer else None for a in answers], pa.int64())
