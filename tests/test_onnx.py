@@ -1,0 +1,230 @@
+"""--backend onnxruntime: the same answers as PyTorch float32, the export cached and reused, a
+corrupt or stale cache rebuilt, and the failures that end a run with exit code 2.
+
+One tiny BERT is exported once for the whole module (into a cache folder of its own) and every
+test reuses it; only the rebuild test exports again, on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+
+pytest.importorskip("onnxruntime", reason="the onnxruntime extra: pip install -e '.[onnxruntime]'")
+
+from pipeline import onnx_backend  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.engine import run  # noqa: E402
+from pipeline.errors import UsageError  # noqa: E402
+from pipeline.model import load_model  # noqa: E402
+from conftest import SAMPLE, run_cli  # noqa: E402
+from test_differential import Models, answer, options, rows_of  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """QA_BATCH_CACHE for this module: in-process runs read it from the environment."""
+    cache = str(tmp_path_factory.mktemp("qa-batch-cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QA_BATCH_CACHE", cache)
+        yield cache
+
+
+def ort_config(**kw) -> RunConfig:
+    return RunConfig(inputs=(), backend="onnxruntime", **kw)
+
+
+@pytest.fixture(scope="module")
+def models(onnx_cache, bert_dir):
+    """The tiny BERT twice: PyTorch float32, and its ONNX Runtime session (the module's one export)."""
+    ort = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
+    assert isinstance(ort.model, onnx_backend.OrtQAModel)
+    return Models(torch=load_model(bert_dir, "cpu"), ort=ort)
+
+
+def entries(cache: str) -> dict[str, dict]:
+    root = os.path.join(cache, "onnx")
+    out = {}
+    for name in sorted(os.listdir(root)):
+        with open(os.path.join(root, name, "meta.json")) as f:
+            out[name] = json.load(f)
+    return out
+
+
+def spans_agree(a: dict, b: dict) -> None:
+    """Two answers of one row from the two backends: equal, up to float32 rounding on near-ties."""
+    assert a["error"] == b["error"] and a["chunks"] == b["chunks"]
+    if a["error"] is not None:
+        return
+    assert b["score"] == pytest.approx(a["score"], abs=TOL)
+    assert b["null_score"] == pytest.approx(a["null_score"], abs=TOL)
+    assert b["confidence"] == pytest.approx(a["confidence"], abs=TOL)
+    near_tie = a["runner_up_score"] is not None and a["score"] - a["runner_up_score"] <= 10 * TOL
+    if not near_tie:  # random weights give near-ties; elsewhere the very same span
+        assert (b["answer"], b["answer_start"], b["answer_end"]) == (a["answer"], a["answer_start"], a["answer_end"])
+
+
+def test_the_cli_answers_as_pytorch_float32_and_reuses_the_export(tmp_path, models, bert_dir, onnx_cache):
+    before = entries(onnx_cache)
+    stamps = {n: os.stat(os.path.join(onnx_cache, "onnx", n, "model.onnx")).st_mtime_ns for n in before}
+    # PyTorch in-process (the same engine), ONNX Runtime as a user runs it
+    run(RunConfig(inputs=(SAMPLE,), output=str(tmp_path / "torch.parquet"), model=bert_dir, limit=12, top_k=2,
+                  quiet=True), loaded=models["torch"])
+    r = run_cli("run", SAMPLE, "--model", bert_dir, "--limit", "12", "--top-k", "2", "-o", tmp_path / "ort.parquet",
+                "--backend", "onnxruntime", env={"QA_BATCH_CACHE": onnx_cache})
+    assert r.returncode == 0, r.stderr
+    assert "exporting" not in r.stderr and "rebuilding" not in r.stderr, r.stderr  # the module's export, reused
+    assert entries(onnx_cache) == before
+    assert {n: os.stat(os.path.join(onnx_cache, "onnx", n, "model.onnx")).st_mtime_ns for n in before} == stamps
+    a, b = (pq.read_table(tmp_path / f).to_pylist() for f in ("torch.parquet", "ort.parquet"))
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        spans_agree(x, y)
+    meta = json.loads(pq.read_metadata(tmp_path / "ort.parquet").metadata[b"qa_batch"])
+    assert meta["options"]["backend"] == "onnxruntime" and meta["device"] == "cpu" and meta["dtype"] == "float32"
+
+
+@settings(deadline=None)
+@given(data=rows_of, o=options())
+def test_onnxruntime_answers_as_pytorch_on_generated_inputs(models, data, o):
+    """Generated passages, questions and options (batch sizes, windows, 1 or 2 CPU workers sharing
+    the session): the same rows as PyTorch float32, within float32 rounding."""
+    passages, questions = data
+    want = answer(models["torch"], passages, questions, o)
+    got = answer(models["ort"], passages, questions, o)
+    assert len(got) == len(want)
+    for x, y in zip(want, got):
+        spans_agree(x, y)
+
+
+def test_int8_quantizes_every_weight_matmul_but_the_head(tmp_path, models, bert_dir, onnx_cache):
+    import onnx
+
+    loaded = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config(quantize="int8"))
+    graph = onnx.load(loaded.model.path).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 2 * 6  # 2 layers x (q, k, v, attention output, 2 feed-forward)
+    assert "MatMul" in ops  # the QA head (and attention's activation products) stay float32
+    answer_rows = answer(loaded, ["alpha beta gamma delta omega " * 3] * 3,
+                         ["what is alpha?", "where is omega?", "who?"], {})
+    assert all(r["error"] is None and r["answer"] for r in answer_rows)
+    quantized = [m for m in entries(onnx_cache).values() if m["material"]["quantize"] != "none"]
+    assert len(quantized) == 1
+
+
+def test_a_corrupt_or_stale_cache_is_rebuilt(tmp_path, models, bert_dir, onnx_cache, monkeypatch, caplog):
+    """A copy of the module's cache: the float32 model truncated, the int8 entry's meta.json made
+    for other settings. Loading the int8 model rebuilds both, and it computes what it did."""
+    models["ort"]  # the float32 entry exists
+    original = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config(quantize="int8"))  # and the int8 one
+    cache = str(tmp_path / "cache")
+    shutil.copytree(onnx_cache, cache)
+    before = entries(cache)
+    f32 = next(n for n, m in before.items() if m["material"]["quantize"] == "none")
+    int8 = next(n for n, m in before.items() if m["material"]["quantize"] != "none")
+    with open(os.path.join(cache, "onnx", f32, "model.onnx"), "r+b") as f:
+        f.truncate(1000)
+    meta_path = os.path.join(cache, "onnx", int8, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["material"]["format"] = 0
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+
+    monkeypatch.setenv("QA_BATCH_CACHE", cache)
+    with caplog.at_level(logging.WARNING, logger="qa_batch"):
+        rebuilt = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config(quantize="int8"))
+    assert f"{int8} is stale" in caplog.text and f"{f32} is corrupt" in caplog.text, caplog.text
+    assert rebuilt.model.path.startswith(cache)
+    after = entries(cache)
+    assert set(after) == set(before)  # the same keys, whole again
+    for name in after:
+        assert onnx_backend.entry_problem(os.path.join(cache, "onnx", name), after[name]["material"]) is None
+    assert not [n for n in os.listdir(os.path.join(cache, "onnx")) if n.startswith(".")]  # no leftovers
+    batch = {"input_ids": torch.randint(5, 300, (3, 20)), "attention_mask": torch.ones(3, 20, dtype=torch.long),
+             "token_type_ids": torch.zeros(3, 20, dtype=torch.long)}
+    batch["attention_mask"][1:, 12:] = 0
+    want, got = original.model(**batch), rebuilt.model(**batch)
+    torch.testing.assert_close(got.start_logits, want.start_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.end_logits, want.end_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(backend="tensorrt"), "--backend 'tensorrt': choose torch or onnxruntime"),
+    (dict(backend="onnxruntime", device="cuda"), "--backend onnxruntime runs on the CPU: use --device cpu"),
+    (dict(backend="onnxruntime", devices=("cpu", "cuda:1")), "not cuda:1"),
+    (dict(backend="onnxruntime", dtype="bfloat16"), "runs float32 (or --quantize int8), not --dtype bfloat16"),
+    (dict(backend="onnxruntime", engine="ray", num_gpus=2), "use --num-gpus 0 with --engine ray"),
+])
+def test_options_that_cannot_run_on_onnxruntime_are_refused(kw, expected):
+    with pytest.raises(UsageError, match=None) as e:
+        onnx_backend.check_options(RunConfig(inputs=(), **kw))
+    assert expected in str(e.value)
+
+
+def test_device_auto_means_the_cpu():
+    assert onnx_backend.device_spec(ort_config(), "auto") == "cpu"
+    assert onnx_backend.device_spec(RunConfig(inputs=()), "auto") == "auto"
+
+
+def test_without_onnxruntime_the_run_exits_2_naming_the_extra(tmp_path, bert_dir):
+    """onnxruntime made unimportable for one subprocess: exit 2 before the model is loaded."""
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('onnxruntime is not installed here')\n")
+    env = {"PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = run_cli("run", SAMPLE, "--model", bert_dir, "-o", tmp_path / "out.parquet", "--backend", "onnxruntime",
+                env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "qa-batch: error: --backend onnxruntime needs the onnxruntime package, which is not installed: "
+        "pip install 'qa-batch[onnxruntime]'")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_an_unwritable_cache_is_a_usage_error_naming_it(tmp_path, models, bert_dir, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("QA_BATCH_CACHE", str(blocker))
+    with pytest.raises(UsageError) as e:
+        onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
+    assert e.value.exit_code == 2
+    assert f"cannot write the ONNX cache {blocker}/onnx" in str(e.value) and "QA_BATCH_CACHE" in str(e.value)
+
+
+def longformer_checkpoint(directory) -> str:
+    """A tiny Longformer: it runs in PyTorch, but its forward computes the global attention from
+    the input ids' values (which positions hold the separator), which torch.export cannot trace."""
+    from transformers import AutoModelForQuestionAnswering, LongformerConfig
+    from tiny_models import roberta_tokenizer_object, save_tokenizer
+
+    fast = save_tokenizer(roberta_tokenizer_object(), str(directory), "roberta")
+    config = LongformerConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, attention_window=8, max_position_embeddings=514,
+                              pad_token_id=fast.pad_token_id, bos_token_id=fast.cls_token_id,
+                              eos_token_id=fast.sep_token_id, sep_token_id=fast.sep_token_id)
+    torch.manual_seed(0)
+    AutoModelForQuestionAnswering.from_config(config).save_pretrained(str(directory))
+    return str(directory)
+
+
+def test_a_model_that_cannot_be_exported_is_a_usage_error_saying_why(tmp_path, onnx_cache):
+    loaded = load_model(longformer_checkpoint(tmp_path / "longformer"), "cpu")
+    with pytest.raises(UsageError) as e:
+        onnx_backend.prepared(loaded, ort_config())
+    assert e.value.exit_code == 2
+    message = str(e.value)
+    assert message.startswith(f"--backend onnxruntime: {tmp_path / 'longformer'} cannot be exported to ONNX: "
+                               "torch.onnx.export failed (GuardOnDataDependentSymNode: Could not guard on "
+                               "data-dependent expression"), message
+    assert message.endswith("Run it with --backend torch")
+    assert not [n for n in os.listdir(os.path.join(onnx_cache, "onnx")) if n.startswith(".")]  # nothing left
