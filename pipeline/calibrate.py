@@ -36,11 +36,17 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # for type hints only
+    from .config import RunConfig
+    from .model import LoadedModel
 
 FORMAT = "qa-batch-calibration/1"
 FEATURES = ("share", "margin", "is_null", "gap")
@@ -340,3 +346,38 @@ def apply_to_answers(cal: Calibration, answers: list) -> list:
         for t in a.top:
             t.confidence = float(min(1.0, np.exp(t.score - z)))
     return answers
+
+
+def check_calibration(c: RunConfig, cal: Calibration, loaded: LoadedModel | None = None) -> None:
+    """Before the model is loaded (loaded=None), what the options tell; after, model and dtype too."""
+    where = f"--calibration {c.calibration}"
+    if c.null_threshold != 0.0:
+        raise UsageError(f"{where} sets the null threshold (its null bias): drop --null-threshold")
+    if c.allow_null and cal.null_bias is None:
+        raise UsageError(f"{where} was fitted on rows without unanswerable questions and gives no null answers: "
+                         "drop --allow-null, or fit it on a sample with unanswerable questions")
+    from .model import content_hash
+
+    options = {k: v for k, v in c.answer_options().items() if k != "dtype" or v != "auto"}
+    if loaded is not None:
+        options["dtype"] = loaded.dtype_name
+        model = loaded.identity
+    elif os.path.isdir(c.model):
+        model = {"id": c.model, "revision": content_hash(c.model)}
+    else:
+        model = None  # a hub id: checked once loaded, when its revision is known
+    differences = cal.mismatches(model, options)
+    if differences and not c.force_calibration:
+        raise UsageError(f"{where} was fitted for another run: " + "; ".join(differences) +
+                         ". Fit one for this model and these options (qa-batch eval --fit-calibration), or "
+                         "pass --force-calibration to apply it anyway")
+    if differences and loaded is not None:
+        import logging
+
+        logging.getLogger("qa_batch").warning("applying %s fitted for another run (--force-calibration): %s",
+                                              where, "; ".join(differences))
+
+
+def calibration_metadata(c: RunConfig) -> dict:
+    """What an output's metadata says about the calibration applied (nothing without one)."""
+    return {"calibration": load(c.calibration).describe(c.calibration)} if c.calibration else {}

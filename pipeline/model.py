@@ -291,3 +291,10 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
         model_id=model_id,
         revision=revision,
     )
+
+
+def devices_for(spec: str) -> tuple[str, ...]:
+    """--device auto or cuda with several visible GPUs means all of them, one worker each."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    return (spec,)

@@ -43,16 +43,17 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from . import __version__, commit, faults, storage
+from . import __version__, calibrate, commit, faults, storage
 from .config import RunConfig
-from .engine import (CPU_BATCH_SIZE, CUDA_BATCH_SIZE, RunSummary, Stages, _reported, calibration_metadata,
-                     check_apart_from_inputs, check_options, default_output, questions_metadata)
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from .job import check_apart_from_inputs, check_options, default_output, questions_metadata
 from .model import load_model, model_identity
 from .questions import plan_questions
 from .read import InputPlan, open_parquet, plan_inputs, read_windows
+from .report import RunSummary, write_report
 from .resume import MANIFEST, WorkDir, input_fingerprint, work_dir_for
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
+from .stages import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
 from .wide import Pivot
 from .write import METADATA_KEY, count_answers, output_schema
 
@@ -263,11 +264,11 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
         finished = commit.read_success(output)
         if finished is not None and finished.get("job_id") == work.job_id:
             storage.delete(staging)  # killed after publishing, before the clean-up: nothing left to do
-            return _reported(_summary_from(finished, output), config)
+            return write_report(_summary_from(finished, output), config)
         staged = commit.read_success(files)
         if staged is None or staged.get("job_id") != work.job_id:  # else: killed while publishing
             metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
-                        "started_at": started_at, "job_id": work.job_id, **calibration_metadata(config),
+                        "started_at": started_at, "job_id": work.job_id, **calibrate.calibration_metadata(config),
                         **questions_metadata(plan)}
             todo = _shards_left(files, total)
             done_before = total - _rows(todo)
@@ -314,7 +315,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
                                  f"{files}: fix the cause and rerun the same command to finish") from None
         faults.point("published")
         storage.delete(staging)
-        return _reported(_summary_from(staged, output), config)
+        return write_report(_summary_from(staged, output), config)
     except OSError as e:  # the driver's own reads and writes of the staging directory
         raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or staging}). The finished shards "
                              f"are kept in {files}: fix the cause and rerun the same command to resume") from None

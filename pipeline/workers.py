@@ -2,7 +2,7 @@
 
     parent: plan the job, start workers  ->  workers load the model, report "ready"
     parent: check the work directory, queue shards of windows  ->  workers answer them
-            (engine.answer_ranges, each window a part in <output>.partial/)
+            (loop.answer_ranges, each window a part in <output>.partial/)
     parent: progress bar and summary from the workers' messages, then assembles the output
 
 Shards are contiguous runs of whole windows, several per worker so that a faster device
@@ -25,11 +25,13 @@ import time
 
 from tqdm import tqdm
 
-from .engine import (Job, Progress, RunSummary, Stages, _current_rss_mb, answer_ranges, bottleneck,
-                     check_max_seq_len, padding_efficiency)
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from .job import Job, check_max_seq_len
+from .loop import answer_ranges
 from .model import load_model, resolve_device
+from .report import Progress, RunSummary, bottleneck, current_rss_mb, padding_efficiency
 from .shards import balanced_shard_rows, split_ranges
+from .stages import Stages
 
 
 def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop, parent_pid: int) -> None:
@@ -57,7 +59,7 @@ def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop,
         results.put(("ready", key, {
             "model": loaded.identity, "device_type": loaded.device.type, "dtype": loaded.dtype_name,
             "batch_size": stages.batch_size, "max_batch_tokens": stages.max_batch_tokens,
-            "max_positions": loaded.max_positions, "model_rss_mb": _current_rss_mb(),
+            "max_positions": loaded.max_positions, "model_rss_mb": current_rss_mb(),
         }))
         try:
             answer_ranges(stages, job, iter(tasks.get, None), progress,

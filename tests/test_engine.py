@@ -16,7 +16,8 @@ import torch
 
 from pipeline.chunk import Chunker, chunk_windows
 from pipeline.config import RunConfig
-from pipeline.engine import bottleneck, run
+from pipeline.engine import run
+from pipeline.report import bottleneck
 from pipeline.model import LoadedModel
 from conftest import write_parquet
 

@@ -124,7 +124,7 @@ def test_sigterm_stops_every_worker_and_the_rerun_resumes(job, tmp_path):
 def test_auto_and_cuda_mean_every_visible_gpu(monkeypatch):
     import torch
 
-    from pipeline.engine import devices_for
+    from pipeline.model import devices_for
 
     # No GPU here: pretend CUDA reports three, to check the choice the engine makes from it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

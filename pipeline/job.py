@@ -1,0 +1,188 @@
+"""Planning a run, before any model work (the ends of the data flow: inputs -> ... -> output).
+
+Options checked, inputs planned (read.py), the output path chosen and checked, the work
+directory of parts opened (resume.py), a finished job recognised, and at the end the parts
+assembled into the output with the run's summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from . import __version__, calibrate, onnx_backend, storage
+from .config import RunConfig
+from .errors import UsageError
+from .questions import plan_questions
+from .read import InputPlan, plan_inputs
+from .report import Progress, RunSummary, write_report
+from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
+from .wide import Pivot
+from .write import output_schema, read_metadata
+
+
+def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
+    """<stem>.answers.parquet beside the first input (beside, not inside, a directory)."""
+    first = inputs[0]
+    if storage.is_dir(first):
+        return storage.with_suffix(first.rstrip("/") if storage.is_uri(first) else os.path.normpath(first),
+                                   ".answers.parquet")
+    path = first if storage.is_file(first) else files[0]
+    stem = storage.basename(path).removesuffix(".parquet")
+    return storage.join(storage.parent(path), stem + ".answers.parquet")
+
+
+def check_options(c: RunConfig) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UsageError(msg)
+
+    need(c.max_seq_len >= 8, f"--max-seq-len {c.max_seq_len}: must be at least 8")
+    need(0 <= c.doc_stride < c.max_seq_len, f"--doc-stride {c.doc_stride}: must be >= 0 and below --max-seq-len ({c.max_seq_len})")
+    need(c.max_answer_len >= 1, f"--max-answer-len {c.max_answer_len}: must be at least 1")
+    need(c.top_k >= 1, f"--top-k {c.top_k}: must be at least 1")
+    need(c.max_question_len >= 1, f"--max-question-len {c.max_question_len}: must be at least 1")
+    need(c.batch_size is None or c.batch_size >= 1, f"--batch-size {c.batch_size}: must be at least 1")
+    need(c.max_batch_tokens is None or c.max_batch_tokens >= 1, "--max-batch-tokens must be at least 1")
+    need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
+    need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
+    need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
+    onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
+    if c.calibration:
+        calibrate.check_calibration(c, calibrate.load(c.calibration))
+
+
+def questions_metadata(plan: InputPlan) -> dict:
+    """The question list every row was asked, as the output's metadata holds it (nothing without one)."""
+    return {"questions": plan.questions.as_dict()} if plan.questions is not None else {}
+
+
+def check_output(path: str, plan: InputPlan, overwrite: bool) -> None:
+    if not storage.is_uri(path):  # object stores have no folders to check
+        directory = storage.parent(path)
+        if not os.path.isdir(directory):
+            raise UsageError(f"output directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise UsageError(f"output directory {directory} is not writable")
+    try:
+        if storage.is_dir(path):
+            raise UsageError(f"output {path} is a directory: give a file path with -o")
+        if any(storage.identity(f) == storage.identity(path) for f in plan.files):
+            raise UsageError(f"output {path} is also an input: choose another path with -o")
+        if storage.exists(path) and not overwrite:
+            raise UsageError(f"output {path} exists: pass --overwrite to replace it, or choose another path with -o")
+    except OSError as e:
+        raise UsageError(f"output {path} cannot be checked: {e}") from None
+
+
+def check_apart_from_inputs(output: str, inputs: tuple[str, ...], files: tuple[str, ...]) -> None:
+    """Refuse an output that is an input, holds one (--overwrite would delete it), or lies inside
+    an input directory (the next run would read the answers as input). Both engines."""
+    for f in files:
+        if storage.within(f, output):
+            what = "is also an input" if storage.within(output, f) else f"contains the input {f}"
+            raise UsageError(f"output {output} {what}: choose another path with -o")
+    for spec in inputs:
+        if not glob.has_magic(spec) and storage.within(output, spec) and storage.is_dir(spec):
+            raise UsageError(f"output {output} lies inside the input directory {spec}, so the next run would "
+                             "read the answers as input: choose a path outside it with -o")
+
+
+@dataclass
+class Job:
+    """A run as planned before any model work: inputs, output, the parts kept so far, schema."""
+
+    config: RunConfig
+    plan: InputPlan
+    output: str
+    parts: WorkDir
+    schema: pa.Schema
+    total_rows: int  # input rows to answer (with a question list, each gives one answer per question)
+    started: float  # perf_counter at the start
+    started_at: str
+    pivot: Pivot | None = None  # --wide: the output's shape; parts stay long
+
+    @classmethod
+    def plan_for(cls, config: RunConfig) -> "Job":
+        started = time.perf_counter()
+        started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        check_options(config)
+        questions = plan_questions(config)
+        plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
+                           config.keep_columns, questions)
+        output = config.output or default_output(config.inputs, plan.files)
+        check_apart_from_inputs(output, config.inputs, plan.files)
+        total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+        schema = output_schema(plan, config.top_k)
+        return cls(config, plan, output, WorkDir(work_dir_for(output)), schema, total, started, started_at,
+                   Pivot.build(schema, questions) if config.wide else None)
+
+    def check_output(self) -> None:
+        """Before any model work: the output path is usable (an output this job wrote may stay)."""
+        check_output(self.output, self.plan, self.config.overwrite or self.parts.wrote(self.output))
+
+    def metadata(self, model: dict, device: str, dtype: str) -> dict:
+        return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
+                "device": device, "dtype": dtype, "started_at": self.started_at,
+                **calibrate.calibration_metadata(self.config), **questions_metadata(self.plan)}
+
+    def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
+                   max_batch_tokens: int) -> list[tuple[int, int]]:
+        """Create or check the work directory; return the row ranges still to answer.
+
+        None when this job's output is already in place (a run killed while cleaning up):
+        `already_done` then gives its summary."""
+        c = self.config
+        opened = self.parts.open({
+            "inputs": input_fingerprint(self.plan),
+            "model": model,
+            # what changes answers, batching included (it moves floating-point rounding)
+            "options": {**c.answer_options(), "device": device_type, "dtype": dtype, "batch_size": batch_size,
+                        "max_batch_tokens": max_batch_tokens, "rows_per_window": c.rows_per_window},
+            "schema": self.schema.to_string(),
+        }, c.restart, self.output)
+        if opened is Opened.FINISHED:
+            return None
+        if opened is Opened.NEW and storage.exists(self.output) and not c.overwrite:
+            # leftovers of another, finished job were cleared: its output is not ours to replace
+            raise UsageError(f"output {self.output} exists: pass --overwrite to replace it, "
+                             "or choose another path with -o")
+        return self.parts.todo(self.total_rows, c.rows_per_window)
+
+    def already_done(self) -> RunSummary:
+        """The summary stored in this job's output; the work directory's leftovers removed."""
+        self.parts.remove()
+        return write_report(RunSummary(**{**read_metadata(self.output)["summary"], "output": self.output}),
+                         self.config)
+
+    def finish(self, summary: RunSummary, metadata: dict, this_run: Progress) -> RunSummary:
+        """Assemble the parts into the output; the summary counts every part and this run's rows,
+        its rates are this run's."""
+        elapsed = time.perf_counter() - self.started
+        summary.elapsed_s = round(elapsed, 3)
+        summary.rows_per_s = round(this_run.rows / elapsed, 2) if elapsed else 0.0
+        summary.chunks_per_s = round(this_run.chunks / elapsed, 2) if elapsed else 0.0
+        summary.finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+
+        def final_metadata(counts: dict) -> bytes:
+            summary.set_counts(counts, this_run.as_dict())  # counts: every part, earlier runs' too
+            return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
+                               "summary": summary.as_dict()}).encode()
+
+        self.parts.assemble(self.output, self.schema, final_metadata, self.pivot)
+        summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+        return write_report(summary, self.config)
+
+
+def check_max_seq_len(config: RunConfig, max_positions: int) -> None:
+    if config.max_seq_len > max_positions:
+        raise UsageError(
+            f"--max-seq-len {config.max_seq_len} is above what {config.model} accepts "
+            f"({max_positions} tokens): use --max-seq-len {max_positions} or less")

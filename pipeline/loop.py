@@ -1,0 +1,213 @@
+"""The local engine's threads: read -> chunk -> batch on a producer thread; infer -> decode ->
+merge -> write on the calling thread.
+
+A producer thread reads windows of rows, tokenizes them and pads batches (the Rust tokenizer
+releases the GIL, so this runs beside the model); the calling thread runs the model and the
+span search, keeps batches in flight (two on CUDA, so the GPU never waits for a copy),
+merges each window once all its batches are back and writes it as a part. A bounded queue
+between the two keeps memory flat however large the input is.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from . import faults
+from .batch import HostBatch
+from .chunk import ChunkSet
+from .errors import Interrupted
+from .job import Job
+from .merge import WindowSpans
+from .read import RowBatch, read_windows
+from .report import Progress
+from .stages import Stages
+from .write import answers_table
+
+
+@dataclass
+class WindowStart:
+    """Sent by the producer before a window's batches: the window and how many batches follow."""
+
+    rows: RowBatch
+    chunks: ChunkSet
+    n_batches: int
+
+
+@dataclass
+class WindowInFlight:
+    """A window on the device loop: spans filled in batch by batch until none is left."""
+
+    start: WindowStart
+    spans: WindowSpans
+    batches_left: int
+
+
+@dataclass
+class BatchInFlight:
+    """A batch submitted to the predictor, not yet collected."""
+
+    window: WindowInFlight
+    batch: HostBatch
+    handle: object  # Predictor.submit's handle
+
+
+_DONE = object()  # the producer's last item
+
+
+def produce(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], stage_seconds: collections.Counter,
+            put: Callable[[object], None], stop: threading.Event) -> None:
+    """read -> chunk -> batch for every window of `ranges`; each item goes to `put`: a
+    WindowStart, then its HostBatches (padded one at a time: the queue bounds host memory,
+    not the window), and _DONE at the end. An exception is put too (the device loop raises it)."""
+    config, plan = job.config, job.plan
+    try:
+        for start, end in ranges:
+            windows = read_windows(plan, config.rows_per_window, end, start)
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                rows = next(windows, None)
+                if rows is None:
+                    break
+                t1 = time.perf_counter()
+                faults.point("read")
+                chunks = stages_.chunker(rows.passages, rows.questions)
+                t2 = time.perf_counter()
+                planned = stages_.batch_plan(chunks)
+                stage_seconds["read"] += t1 - t0
+                stage_seconds["tokenize"] += t2 - t1
+                stage_seconds["batch"] += time.perf_counter() - t2
+                put(WindowStart(rows, chunks, len(planned)))
+                for index in planned:
+                    t3 = time.perf_counter()
+                    hb = stages_.collate(chunks, index)
+                    stage_seconds["batch"] += time.perf_counter() - t3
+                    put(hb)
+                    if stop.is_set():
+                        return
+            if stop.is_set():
+                return
+        put(_DONE)
+    except BaseException as e:  # handed to the device loop, which re-raises it
+        put(e)
+
+
+class DeviceLoop:
+    """infer -> decode -> merge -> write, on the calling thread.
+
+    Batches are submitted in order and collected oldest first, so windows complete in input
+    order; a window is merged and written as a part once all its batches are collected.
+    """
+
+    def __init__(self, stages_: Stages, job: Job, progress: Progress, on_window: Callable[[int], None]):
+        self.stages, self.job, self.progress, self.on_window = stages_, job, progress, on_window
+        self.seconds = progress.stages
+        self.open_windows: collections.deque[WindowInFlight] = collections.deque()
+        self.pending: collections.deque[BatchInFlight] = collections.deque()
+        self.max_in_flight = 2 if stages_.on_cuda else 2 * stages_.predictor.workers
+
+    def open_window(self, start: WindowStart) -> None:
+        self.open_windows.append(WindowInFlight(start, WindowSpans.empty(len(start.chunks), self.stages.chunk_k),
+                                                start.n_batches))
+        self.finish_complete_windows(all_submitted=False)
+
+    def submit(self, batch: HostBatch) -> None:
+        t0 = time.perf_counter()
+        handle = self.stages.predictor.submit(batch)
+        self.seconds["infer_launch"] += time.perf_counter() - t0
+        self.progress.real_tokens += batch.real_tokens
+        self.progress.padded_tokens += batch.padded_tokens
+        self.pending.append(BatchInFlight(self.open_windows[-1], batch, handle))
+        while len(self.pending) > self.max_in_flight:
+            self.collect_oldest()
+        self.finish_complete_windows(all_submitted=False)
+
+    def collect_oldest(self) -> None:
+        done = self.pending.popleft()
+        t0 = time.perf_counter()
+        host = self.stages.predictor.collect(done.handle)
+        self.seconds["infer_wait"] += time.perf_counter() - t0
+        done.window.spans.store(done.batch, host, done.window.start.chunks)
+        done.window.batches_left -= 1
+        faults.point("batch")
+
+    def drain(self, all_submitted: bool) -> None:
+        """Collect every batch in flight and write every window that is complete."""
+        while self.pending:
+            self.collect_oldest()
+        self.finish_complete_windows(all_submitted)
+
+    def finish_complete_windows(self, all_submitted: bool) -> None:
+        # the newest window may still get batches unless everything has been submitted
+        config, plan = self.job.config, self.job.plan
+        while (self.open_windows and self.open_windows[0].batches_left == 0
+               and (len(self.open_windows) > 1 or all_submitted)):
+            w = self.open_windows.popleft()
+            rows = w.start.rows
+            t0 = time.perf_counter()
+            answers = self.stages.merge(rows, w.start.chunks, w.spans)
+            t1 = time.perf_counter()
+            self.job.parts.write_part(rows.first_row,
+                                      answers_table(self.job.schema, rows, answers, config.top_k, plan.id_col))
+            self.seconds["merge"] += t1 - t0
+            self.seconds["write"] += time.perf_counter() - t1
+            self.progress.rows += len(answers)
+            self.progress.chunks += len(w.start.chunks)
+            self.progress.errors += sum(a.error is not None for a in answers)
+            self.progress.answered += sum(a.answer is not None for a in answers)
+            self.on_window(rows.input_rows)
+
+
+def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], progress: Progress,
+                  on_window: Callable[[int], None], stop_requested=None) -> None:
+    """Answer the rows of `ranges` ([start, end), whole windows) and write each window as a part.
+
+    A producer thread reads, tokenizes and pads batches (the Rust tokenizer releases the GIL);
+    this thread runs the model, merges finished windows and writes them. `ranges` may be a
+    lazy iterator (worker processes take them from a queue). Setting `stop_requested`
+    stops after the batches in flight; whole windows are kept, then Interrupted is raised.
+    """
+    work: queue.Queue = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def put(item) -> None:  # gives up once the loop has stopped: nobody would take the item
+        while not stop.is_set():
+            try:
+                work.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True,
+                                args=(stages_, job, ranges, progress.stages, put, stop))
+    loop = DeviceLoop(stages_, job, progress, on_window)
+    try:
+        producer.start()
+        while True:
+            if stop_requested is not None and stop_requested.is_set():
+                stop.set()  # no new work; finish the batches in flight and keep whole windows
+                loop.drain(all_submitted=False)
+                raise Interrupted(progress.rows, job.parts.path)
+            t0 = time.perf_counter()
+            try:
+                item = work.get(timeout=0.2)
+            except queue.Empty:
+                progress.stages["wait_for_input"] += time.perf_counter() - t0
+                continue
+            progress.stages["wait_for_input"] += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            if item is _DONE:
+                loop.drain(all_submitted=True)
+                break
+            if isinstance(item, WindowStart):
+                loop.open_window(item)
+            else:
+                loop.submit(item)
+        producer.join()
+    finally:
+        stop.set()  # on failure: finished parts stay in the work directory for the next run

@@ -1,0 +1,138 @@
+"""What a run reports (every arrow): counts, rates, seconds per stage, the bottleneck, memory.
+
+`Progress` is what one process answered; `RunSummary` is what a run did, printed as one
+line, written by --report and stored in the output's metadata.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+
+from . import storage
+from .config import RunConfig
+from .wording import plural
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed as one line, written by --report, stored in the output."""
+
+    output: str
+    rows: int = 0
+    chunks: int = 0
+    answered: int = 0
+    null: int = 0
+    errors: int = 0
+    elapsed_s: float = 0.0
+    rows_per_s: float = 0.0
+    chunks_per_s: float = 0.0
+    padding_efficiency: float = 1.0  # real tokens / padded tokens fed to the model
+    oom_splits: int = 0
+    resumed_from_row: int = 0  # rows earlier, interrupted runs had answered (with gaps: not a row number)
+    rows_this_run: int = 0  # rows answered by this run (the rest came from earlier parts)
+    chunks_this_run: int = 0  # and their chunks, answers, nulls and errors
+    answered_this_run: int = 0
+    null_this_run: int = 0
+    errors_this_run: int = 0
+    peak_rss_mb: float = 0.0  # the process's peak resident memory, model included
+    model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row
+    device: str = ""
+    dtype: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    stage_seconds: dict = field(default_factory=dict)
+    bottleneck: str = ""  # the stage that set the pace (see bottleneck())
+
+    def line(self) -> str:
+        """This run's counts, time and rates, on which device; after a resume, the totals too."""
+        def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
+            return (f"{plural(rows, 'row')} ({answered} answered, {null} null, {plural(errors, 'error')}), "
+                    f"{plural(chunks, 'chunk')}")
+
+        this_run = counts(self.rows_this_run, self.answered_this_run, self.null_this_run, self.errors_this_run,
+                          self.chunks_this_run)
+        on = f" on {self.device}" if self.device else ""
+        text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
+                f"{self.rows_per_s:.1f} rows/s, {self.chunks_per_s:.1f} chunks/s")
+        if self.resumed_from_row:
+            text += (f"; with the {plural(self.resumed_from_row, 'row')} answered before, "
+                     f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
+        return f"{text} -> {self.output}"
+
+    def set_counts(self, total: dict, this_run: dict) -> None:
+        """The counts over every part of the output, and over the rows this run answered
+        (each a dict with rows, chunks, answered and errors)."""
+        self.rows, self.chunks, self.answered, self.errors = (total[k] for k in _COUNTS)
+        self.null = self.rows - self.answered - self.errors
+        self.rows_this_run, self.chunks_this_run, self.answered_this_run, self.errors_this_run = (
+            this_run[k] for k in _COUNTS)
+        self.null_this_run = self.rows_this_run - self.answered_this_run - self.errors_this_run
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_COUNTS = ("rows", "chunks", "answered", "errors")
+
+
+@dataclass
+class Progress:
+    """What one process answered: counts, tokens and seconds per stage."""
+
+    rows: int = 0
+    chunks: int = 0
+    answered: int = 0
+    errors: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    stages: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, other: dict) -> None:
+        for key in ("rows", "chunks", "answered", "errors", "real_tokens", "padded_tokens"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.stages.update(other["stages"])
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stages": dict(self.stages)}
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError):  # not Linux
+        return 0.0
+
+
+INPUT_STAGES = ("read", "tokenize", "batch")  # the producer thread
+
+
+DEVICE_STAGES = ("infer_launch", "infer_wait", "merge", "write")  # the device loop, besides waiting for input
+
+
+def bottleneck(stage_seconds: dict) -> str:
+    """Which stage set the pace: the device loop's busiest stage, unless it spent more than
+    a fifth of its time waiting for batches, then the producer's busiest stage."""
+    loop = sum(stage_seconds.get(k, 0.0) for k in DEVICE_STAGES)
+    waited = stage_seconds.get("wait_for_input", 0.0)
+    if loop + waited <= 0:
+        return ""
+    if waited > 0.2 * (loop + waited):
+        return max(INPUT_STAGES, key=lambda k: stage_seconds.get(k, 0.0))
+    infer = stage_seconds.get("infer_launch", 0.0) + stage_seconds.get("infer_wait", 0.0)
+    return max([("model", infer), ("merge", stage_seconds.get("merge", 0.0)),
+                ("write", stage_seconds.get("write", 0.0))], key=lambda kv: kv[1])[0]
+
+
+def padding_efficiency(progress: Progress) -> float:
+    return round(progress.real_tokens / progress.padded_tokens, 4) if progress.padded_tokens else 1.0
+
+
+def write_report(summary: RunSummary, config: RunConfig) -> RunSummary:
+    if config.report:
+        storage.write_bytes(config.report, json.dumps(summary.as_dict(), indent=2).encode())
+    return summary
