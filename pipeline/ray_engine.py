@@ -59,7 +59,7 @@ from .write import METADATA_KEY, count_answers, output_schema
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
 _SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the hub client looks, not from us
-CORES_PER_CPU_ACTOR = 4  # default: a CPU actor runs up to 4 workers sharing one model copy
+CORES_PER_CPU_ACTOR = 1  # default: one actor per core; worker threads inside one actor measured no faster (BENCHMARKS.md#scaling)
 _COUNTS = ("rows", "chunks", "answered", "errors")
 
 
@@ -82,7 +82,7 @@ def plan_actors(nodes: list[dict], num_gpus: int | None, cpu_actors: int | None,
 
     GPU actors (num_gpus None and the cluster has GPUs, or num_gpus > 0): one per GPU, each
     with `cpus_per_actor` CPUs (default 1). CPU actors: `cpus_per_actor` cores each (default
-    up to CORES_PER_CPU_ACTOR, at most the smallest node's CPUs, so that an actor fits on
+    CORES_PER_CPU_ACTOR, at most the smallest node's CPUs, so that an actor fits on
     every node; with --cpu-workers N, the cluster's CPUs shared out among N), as many as
     the nodes hold. Ray Data runs no tasks beside the actors here (they read and write
     their shards themselves), so the actors may hold every CPU.
