@@ -88,6 +88,16 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "the output schema differs"
 
 
+def _is_output_of(manifest: dict | None, output: str) -> bool:
+    """Does `output` carry the job id of `manifest` (the output that job wrote)?"""
+    if manifest is None or not storage.is_file(output):
+        return False
+    try:
+        return read_metadata(output).get("job_id") == manifest.get("job_id")
+    except (OSError, ValueError, KeyError):  # not a qa-batch output: not ours
+        return False
+
+
 class Opened(Enum):
     """What a run found in the work directory."""
 
@@ -118,13 +128,7 @@ class WorkDir:
 
     def wrote(self, output: str) -> bool:
         """Is `output` the finished output of the job this work directory holds?"""
-        manifest = self._manifest()
-        if manifest is None or not storage.is_file(output):
-            return False
-        try:
-            return read_metadata(output).get("job_id") == manifest.get("job_id")
-        except (OSError, ValueError, KeyError):  # not a qa-batch output: not ours
-            return False
+        return _is_output_of(self._manifest(), output)
 
     def open(self, manifest: dict, restart: bool, output: str) -> Opened:
         """Start a new work directory, or take over the old one if it holds the same job."""
@@ -132,7 +136,8 @@ class WorkDir:
         old = None if restart else self._manifest()
         if old is not None:
             same = {k: v for k, v in old.items() if k != "job_id"} == manifest
-            if same and self.wrote(output):
+            finished = _is_output_of(old, output)  # the old job's output is in place
+            if same and finished:
                 self.job_id = old["job_id"]
                 return Opened.FINISHED
             if same:
@@ -141,7 +146,7 @@ class WorkDir:
                     if name.endswith(".tmp"):
                         storage.delete_file(self._file(name))
                 return Opened.RESUMED
-            if not self.wrote(output):
+            if not finished:
                 raise UsageError(
                     f"{self.path} holds the parts of an interrupted run that differs from this one: "
                     f"{_describe_difference(old, manifest)}. Rerun the original command to finish it, "
