@@ -17,7 +17,6 @@ import os
 import time
 import warnings
 
-import pyarrow.parquet as pq
 import torch
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer

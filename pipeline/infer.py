@@ -74,7 +74,9 @@ class Predictor:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(1)
             if self.workers > 1:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer")
+                # each thread sets its own count before its first op: OpenMP and MKL keep it per thread
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer",
+                                                                   initializer=torch.set_num_threads, initargs=(1,))
 
     def submit(self, batch: HostBatch):
         """Start the batch; pass the handle to collect() for its spans on the host."""

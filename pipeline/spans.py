@@ -88,4 +88,12 @@ def search_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, rules: Sp
     span_end = span_start + flat % A
     rows = torch.arange(B, device=dev)
     null_score = start_logits[rows, rules.cls_pos] + end_logits[rows, rules.cls_pos]
-    return ChunkSpans(span_start, span_end, score, null_score, torch.logsumexp(band, dim=1))
+    return ChunkSpans(span_start, span_end, score, null_score, log_sum_exp(band))
+
+
+def log_sum_exp(band: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1, summed in float64: a float32 sum of thousands of terms moves with
+    the order of the additions (how a kernel splits them), and the run's output must not."""
+    top = band.amax(dim=1, keepdim=True).clamp_min(torch.finfo(band.dtype).min)  # finite: no -inf - -inf
+    total = torch.exp(band - top).sum(dim=1, dtype=torch.float64)
+    return (torch.log(total) + top[:, 0].double()).float()

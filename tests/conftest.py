@@ -86,3 +86,36 @@ def s3(tmp_path_factory):
     server.terminate()
     server.wait(timeout=10)
     log.close()
+
+
+# ---- comparing the outputs of two runs ----
+
+# Two processes may sum a chunk's span scores in a different order (a reduction split over
+# threads), which moves a float32 by a few units in the last place. Everything else -- which
+# rows, in which order, which answer at which offsets -- must be identical.
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 1e-6
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or abs(a - b) <= FLOAT_ATOL + FLOAT_RTOL * abs(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_same_answers(got: pa.Table, want: pa.Table) -> None:
+    """The same rows, columns and answers; scores equal up to float32 summation order.
+    On failure, says which column and rows differ (enough to tell a real defect from noise)."""
+    assert got.schema.remove_metadata() == want.schema.remove_metadata(), f"{got.schema}\n!=\n{want.schema}"
+    assert got.num_rows == want.num_rows, f"{got.num_rows} rows, expected {want.num_rows}"
+    problems = []
+    for name in want.column_names:
+        a, b = got[name].to_pylist(), want[name].to_pylist()
+        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not _close(x, y)]
+        if bad:
+            problems.append(f"column {name!r}: {len(bad)} rows differ, first {bad[:5]}: "
+                            + "; ".join(f"got {a[i]!r}, expected {b[i]!r}" for i in bad[:2]))
+    assert not problems, "\n".join(problems)
