@@ -97,3 +97,29 @@ def test_a_span_starting_before_the_home_belongs_here_only_past_the_previous_chu
     out = search_spans(start, end, rules, 30)
     # (2, 3) scores 14 but lies whole in the previous chunk: (2, 6) at 13 is this chunk's best
     assert (int(out.start[0, 0]), int(out.end[0, 0])) == (2, 6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_log_norm_is_the_exact_sum_rounded_once(seed):
+    """log_norm (summed in float64) is the exact logsumexp of the span scores to one float32
+    unit in the last place, also with the spans in another order: -inf spans count for nothing
+    and a chunk without a valid span gets -inf."""
+    from pipeline.spans import log_sum_exp
+
+    g = torch.Generator().manual_seed(seed)
+    band = torch.randn(3, 384 * 30, generator=g) * 4
+    band[band < -3] = float("-inf")  # masked spans
+    band[2] = float("-inf")  # a chunk with no valid span
+    got = log_sum_exp(band)
+    for b in range(3):
+        x = band[b].double().tolist()
+        finite = [v for v in x if v != float("-inf")]
+        if not finite:
+            assert got[b].item() == float("-inf")
+            continue
+        top = max(finite)
+        exact = top + math.log(math.fsum(math.exp(v - top) for v in finite))
+        assert abs(got[b].item() - exact) <= np.spacing(np.float32(exact))  # one float32 ulp
+    shuffled = log_sum_exp(band[:, torch.randperm(band.shape[1], generator=g)])
+    assert ((shuffled - got).abs() <= torch.from_numpy(np.spacing(got.numpy())).nan_to_num(0)).all() \
+        or torch.equal(shuffled, got)
