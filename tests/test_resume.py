@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -268,3 +270,23 @@ def test_the_summary_line_after_a_resume_gives_this_runs_counts_and_rates_and_th
     (rows, *_, before, all_rows, _, _, _, _, _) = SUMMARY.findall(r.stderr)[0]
     assert int(rows) == total_rows and before == all_rows == ""
     assert "resumed" not in r.stderr and "CUDA" not in r.stderr
+
+
+def test_runs_compare_exactly_but_for_score_noise():
+    """The comparison behind every resume test: last-bit score noise passes; a lost, repeated
+    or reordered row, another answer or another offset fails, naming the column and rows."""
+    ref = pa.table({"id": ["a", "b"], "answer": ["Paris", "Rome"], "answer_start": [3, 9],
+                    "score": pa.array([1.5, 2.25], pa.float32()),
+                    "top": [[{"answer": "Paris", "score": 1.5}], [{"answer": "Rome", "score": 2.25}]]})
+    noisy = ref.set_column(3, "score", pa.array([np.nextafter(np.float32(1.5), np.float32(2)), 2.25], pa.float32()))
+    assert_same_answers(noisy, ref)
+    for broken in (ref.take([1, 0]), ref.take([0]), ref.take([0, 0]),
+                   ref.set_column(1, "answer", pa.array(["Paris", "Roma"])),
+                   ref.set_column(2, "answer_start", pa.array([3, 10])),
+                   ref.set_column(3, "score", pa.array([1.5, 2.5], pa.float32())),
+                   ref.set_column(4, "top", pa.array([[{"answer": "Paris", "score": 1.5}],
+                                                      [{"answer": "Rome", "score": 2.0}]]))):
+        with pytest.raises(AssertionError):
+            assert_same_answers(broken, ref)
+    with pytest.raises(AssertionError, match=r"column 'answer': 1 rows differ, first \[1\]"):
+        assert_same_answers(ref.set_column(1, "answer", pa.array(["Paris", "Roma"])), ref)
