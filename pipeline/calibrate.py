@@ -218,7 +218,7 @@ class Calibration:
 
     @property
     def digest(self) -> str:
-        """sha256 of the fitted parameters: names the calibration in output metadata and manifests."""
+        """sha256 of the fitted parameters: names the calibration in output metadata and resume manifests."""
         params = [self.null_bias, self.intercept, list(self.weights), list(self.mean), list(self.scale),
                   list(self.features)]
         return "sha256:" + hashlib.sha256(json.dumps(params).encode()).hexdigest()
@@ -376,6 +376,12 @@ def check_calibration(c: RunConfig, cal: Calibration, loaded: LoadedModel | None
 
         logging.getLogger("qa_batch").warning("applying %s fitted for another run (--force-calibration): %s",
                                               where, "; ".join(differences))
+
+
+def calibration_identity(c: RunConfig) -> dict:
+    """How a resume manifest names the calibration: its path and the digest of its parameters,
+    so that a calibration file refitted between a kill and the rerun is not mixed into one output."""
+    return {"calibration": {"path": c.calibration, "digest": load(c.calibration).digest}} if c.calibration else {}
 
 
 def calibration_metadata(c: RunConfig) -> dict:

@@ -143,8 +143,9 @@ class Job:
             "inputs": input_fingerprint(self.plan),
             "model": model,
             # what changes answers, batching included (it moves floating-point rounding)
-            "options": {**c.answer_options(), "device": device_type, "dtype": dtype, "batch_size": batch_size,
-                        "max_batch_tokens": max_batch_tokens, "rows_per_window": c.rows_per_window},
+            "options": {**c.answer_options(), **calibrate.calibration_identity(c), "device": device_type,
+                        "dtype": dtype, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                        "rows_per_window": c.rows_per_window},
             "schema": self.schema.to_string(),
         }, c.restart, self.output)
         if opened is Opened.FINISHED:

@@ -403,7 +403,8 @@ def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema
         "inputs": input_fingerprint(plan),
         "model": model,
         # what changes answers, batching included (it moves floating-point rounding); not the shard size
-        "options": {**config.answer_options(), "engine": "ray", "device": "cuda" if gpu else "cpu",
+        "options": {**config.answer_options(), **calibrate.calibration_identity(config), "engine": "ray",
+                    "device": "cuda" if gpu else "cpu",
                     "dtype": _dtype_name(config, gpu), "batch_size": batch_size,
                     "max_batch_tokens": config.max_batch_tokens or batch_size * config.max_seq_len,
                     "rows_per_window": config.rows_per_window},

@@ -2,6 +2,7 @@
 
     answers.parquet.partial/
         manifest.json              job id, inputs (path, size, mtime), model, answer-changing options
+                                   (a calibration by the digest of its parameters)
         part-000000000000.parquet  rows [0, n), each part written to a .tmp file and renamed
         part-000000001024.parquet  ...
 
@@ -84,6 +85,8 @@ def _describe_difference(old: dict, new: dict) -> str:
     for key in sorted(set(old.get("options", {})) | set(new.get("options", {}))):
         a, b = old.get("options", {}).get(key), new.get("options", {}).get(key)
         if a != b:
+            if key == "calibration" and a and b and a.get("path") == b.get("path"):
+                return f"the calibration {b['path']} was refitted since the interrupted run (its parameters differ)"
             return f"option {key} differs: {a!r} then, {b!r} now"
     return "the output schema differs"
 

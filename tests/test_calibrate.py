@@ -243,3 +243,26 @@ def test_eval_of_answers_without_scores_searches_no_threshold(tmp_path):
     rep = evaluate(str(tmp_path / "a.parquet"), str(tmp_path / "g.parquet"))
     assert rep.f1 == 100.0 and rep.best_f1 is None and rep.ece is None
     assert "lack a best span" in rep.threshold_note
+
+
+def test_a_calibration_refitted_between_a_kill_and_the_rerun_is_not_mixed_in(fitted, tmp_path):
+    """Parts answered with one calibration are never assembled with parts answered with another
+    under the same path: the manifest holds the calibration's digest, not only its path."""
+    d = fitted["dir"]
+    cal = tmp_path / "cal.json"
+    shutil.copy(d / "cal.json", cal)
+    out = tmp_path / "out.parquet"
+    args = ["run", fitted["sample"], "-o", out, *fitted["common"], "--rows-per-window", 8, "--calibration", cal]
+    r = run_cli(*args, env={"QA_BATCH_CRASH_AT": "part_written:2"})
+    assert r.returncode == -9, r.stderr
+    refitted = json.loads(cal.read_text())
+    refitted["intercept"] += 0.5  # what a refit on new labels does: other parameters, same file
+    cal.write_text(json.dumps(refitted))
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert f"the calibration {cal} was refitted since the interrupted run" in r.stderr and "--restart" in r.stderr
+    assert not out.exists()
+    r = run_cli(*args, "--restart")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(pq.read_metadata(out).metadata[b"qa_batch"])
+    assert meta["calibration"]["digest"] == calibrate.load(str(cal)).digest
