@@ -77,7 +77,8 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         predictor.close()
 
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=answered_before)
+                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=answered_before,
+                         questions_per_row=job.plan.questions_per_row)
     summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = predictor.stats.oom_splits
     summary.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -301,6 +301,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             summary = RunSummary(output=output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
                                  dtype=_dtype_name(config, actors.gpu), started_at=started_at,
                                  resumed_from_row=done_before * plan.answers_per_row, elapsed_s=round(elapsed, 3),
+                                 questions_per_row=plan.questions_per_row,
                                  rows_per_s=round(this_run["rows"] / elapsed, 2) if elapsed else 0.0,
                                  chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
                                  finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))

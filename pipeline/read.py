@@ -47,6 +47,11 @@ class InputPlan:
         """Output rows (long form) per input row: one per question of the list, else one."""
         return len(self.questions) if self.questions is not None else 1
 
+    @property
+    def questions_per_row(self) -> int:
+        """Questions of the list asked of every row; 0 when the rows are pairs."""
+        return len(self.questions) if self.questions is not None else 0
+
 
 @dataclass
 class RowBatch:

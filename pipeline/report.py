@@ -46,20 +46,25 @@ class RunSummary:
     finished_at: str = ""
     stage_seconds: dict = field(default_factory=dict)
     bottleneck: str = ""  # the stage that set the pace (see bottleneck())
+    questions_per_row: int = 0  # --questions/--question: asked of every input row (rows then count answers)
 
     def line(self) -> str:
         """This run's counts, time and rates, on which device; after a resume, the totals too."""
+        q = self.questions_per_row
+        unit = "answer" if q else "row"  # with a question list, an output row is one answer
+
         def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
-            return (f"{plural(rows, 'row')} ({answered} answered, {null} null, {plural(errors, 'error')}), "
+            asked = f" to {plural(q, 'question')} of {plural(rows // q, 'row')}" if q else ""
+            return (f"{plural(rows, unit)}{asked} ({answered} answered, {null} null, {plural(errors, 'error')}), "
                     f"{plural(chunks, 'chunk')}")
 
         this_run = counts(self.rows_this_run, self.answered_this_run, self.null_this_run, self.errors_this_run,
                           self.chunks_this_run)
         on = f" on {self.device}" if self.device else ""
         text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
-                f"{self.rows_per_s:.1f} rows/s, {self.chunks_per_s:.1f} chunks/s")
+                f"{self.rows_per_s:.1f} {unit}s/s, {self.chunks_per_s:.1f} chunks/s")
         if self.resumed_from_row:
-            text += (f"; with the {plural(self.resumed_from_row, 'row')} answered before, "
+            text += (f"; with the {plural(self.resumed_from_row, unit)} answered before, "
                      f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
         return f"{text} -> {self.output}"
 

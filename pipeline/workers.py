@@ -137,7 +137,8 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     metadata = job.metadata(first["model"], ",".join(devices), first["dtype"])
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=first["dtype"],
                          started_at=job.started_at, resumed_from_row=done_before * job.plan.answers_per_row,
-                         model_rss_mb=max(r["model_rss_mb"] for r in ready.values()))
+                         model_rss_mb=max(r["model_rss_mb"] for r in ready.values()),
+                         questions_per_row=job.plan.questions_per_row)
     summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = sum(f.get("oom_splits", 0) for f in finals.values())
     summary.peak_rss_mb = round(max(f.get("peak_rss_mb", 0.0) for f in finals.values()), 1)  # per process

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -330,6 +331,8 @@ def test_the_readme_contracts_example(bert_dir, tmp_path):
     r = run_cli("run", "data/contracts.parquet", "--questions", "data/contract_fields.csv", "--wide", "--allow-null",
                 "-o", out, "--model", bert_dir)
     assert r.returncode == 0, r.stderr
+    assert re.search(r"qa-batch: 30 answers to 6 questions of 5 rows \(\d+ answered, \d+ null, 0 errors\), "
+                     r"\d+ chunks in [\d.]+ s on cpu: [\d.]+ answers/s", r.stderr), r.stderr
     wide = pq.read_table(out)
     assert wide["id"].to_pylist() == [c[0] for c in make_contracts.CONTRACTS]
     assert wide.column_names == ["id", *(wide_name(f, c) for f, _ in make_contracts.FIELDS for c in ANSWER_COLUMNS
@@ -343,3 +346,20 @@ def test_the_readme_contracts_example(bert_dir, tmp_path):
     r = run_cli("summary", out, "--by", "field")  # the tools read a wide output as its long form
     assert r.returncode == 0, r.stderr
     assert "rows 30:" in r.stdout and "by field (6 groups" in r.stdout
+
+
+def test_the_summary_line_counts_answers_to_the_questions_of_the_rows():
+    from pipeline.report import RunSummary
+
+    s = RunSummary(output="out.parquet", device="cpu", elapsed_s=2.0, rows_per_s=6.0, chunks_per_s=9.0,
+                   resumed_from_row=18, questions_per_row=6)
+    s.set_counts({"rows": 30, "chunks": 40, "answered": 25, "errors": 1},
+                 {"rows": 12, "chunks": 18, "answered": 10, "errors": 0})
+    assert s.line() == ("qa-batch: 12 answers to 6 questions of 2 rows (10 answered, 2 null, 0 errors), 18 chunks "
+                        "in 2.0 s on cpu: 6.0 answers/s, 9.0 chunks/s; with the 18 answers answered before, "
+                        "30 answers to 6 questions of 5 rows (25 answered, 4 null, 1 error), 40 chunks in all "
+                        "-> out.parquet")
+    pairs = RunSummary(output="o", elapsed_s=1.0, rows_per_s=1.0)
+    pairs.set_counts({"rows": 1, "chunks": 1, "answered": 1, "errors": 0}, {"rows": 1, "chunks": 1, "answered": 1,
+                                                                            "errors": 0})
+    assert pairs.line().startswith("qa-batch: 1 row (1 answered, 0 null, 0 errors), 1 chunk in 1.0 s: 1.0 rows/s")
