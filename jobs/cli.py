@@ -196,7 +196,8 @@ def run(
             raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="--engine")
     except Interrupted as e:
         code = _exit_code(received[0] if received else signal.SIGINT)
-        log.say("interrupted", f"interrupted after {plural(e.rows_done, 'row')}; finished parts are in {e.work_dir}: "
+        unit = "answer" if config.questions or config.question else "row"  # with a question list, rows are answers
+        log.say("interrupted", f"interrupted after {plural(e.rows_done, unit)}; finished parts are in {e.work_dir}: "
                 f"{resume_hint}", level="error", rows_done=e.rows_done, work_dir=e.work_dir, exit_code=code)
         raise typer.Exit(code)
     except QaBatchError as e:
@@ -207,8 +208,9 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.resumed_from_row:
         before = summary.resumed_from_row
-        log.say("resumed", f"resumed an interrupted run: {plural(before, 'row')} {'was' if before == 1 else 'were'} "
-                f"answered before, {summary.rows_this_run} now",
+        unit = "answer" if summary.questions_per_row else "row"
+        log.say("resumed", f"resumed an interrupted run: {plural(before, unit)} {'was' if before == 1 else 'were'} "
+                f"{'given' if summary.questions_per_row else 'answered'} before, {summary.rows_this_run} now",
                 resumed_from_row=summary.resumed_from_row)
     log.say("run_finished", summary.line().removeprefix("qa-batch: "), **summary.as_dict())
 

@@ -378,12 +378,22 @@ def check_calibration(c: RunConfig, cal: Calibration, loaded: LoadedModel | None
                                               where, "; ".join(differences))
 
 
-def calibration_identity(c: RunConfig) -> dict:
+def plan_calibration(c: RunConfig) -> Calibration | None:
+    """The run's calibration, loaded once and checked against the options before any model work;
+    the run applies, records and names this copy (a file refitted during the run changes nothing)."""
+    if not c.calibration:
+        return None
+    cal = load(c.calibration)
+    check_calibration(c, cal)
+    return cal
+
+
+def calibration_identity(c: RunConfig, cal: Calibration | None) -> dict:
     """How a resume manifest names the calibration: its path and the digest of its parameters,
     so that a calibration file refitted between a kill and the rerun is not mixed into one output."""
-    return {"calibration": {"path": c.calibration, "digest": load(c.calibration).digest}} if c.calibration else {}
+    return {"calibration": {"path": c.calibration, "digest": cal.digest}} if cal is not None else {}
 
 
-def calibration_metadata(c: RunConfig) -> dict:
+def calibration_metadata(c: RunConfig, cal: Calibration | None) -> dict:
     """What an output's metadata says about the calibration applied (nothing without one)."""
-    return {"calibration": load(c.calibration).describe(c.calibration)} if c.calibration else {}
+    return {"calibration": cal.describe(c.calibration)} if cal is not None else {}

@@ -55,7 +55,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     model_rss_mb = current_rss_mb()
     check_max_seq_len(config, loaded.max_positions)
     cores = torch.get_num_threads()  # what torch would use: on the CPU, one worker per core
-    stages_ = Stages.build(config, loaded, config.cpu_workers or cores)  # pool starts on first use
+    stages_ = Stages.build(config, loaded, config.cpu_workers or cores, job.calibration)  # pool starts on first use
     metadata = job.metadata(loaded.identity, str(loaded.device), loaded.dtype_name)
     todo = job.open_parts(loaded.identity, loaded.device.type, loaded.dtype_name, stages_.batch_size,
                           stages_.max_batch_tokens)

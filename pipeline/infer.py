@@ -74,7 +74,8 @@ class Predictor:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(1)
             if self.workers > 1:
-                # each thread sets its own count before its first op: OpenMP and MKL keep it per thread
+                # each thread sets its count (1) before its first op, rather than relying on torch
+                # to carry the process-wide setting into threads it did not start
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="qa-batch-infer",
                                                                    initializer=torch.set_num_threads, initargs=(1,))
 

@@ -54,8 +54,6 @@ def check_options(c: RunConfig) -> None:
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
     need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
     onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
-    if c.calibration:
-        calibrate.check_calibration(c, calibrate.load(c.calibration))
 
 
 def questions_metadata(plan: InputPlan) -> dict:
@@ -107,12 +105,14 @@ class Job:
     started: float  # perf_counter at the start
     started_at: str
     pivot: Pivot | None = None  # --wide: the output's shape; parts stay long
+    calibration: calibrate.Calibration | None = None  # --calibration, loaded once (plan_calibration)
 
     @classmethod
     def plan_for(cls, config: RunConfig) -> "Job":
         started = time.perf_counter()
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         check_options(config)
+        calibration = calibrate.plan_calibration(config)
         questions = plan_questions(config)
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns, questions)
@@ -121,7 +121,7 @@ class Job:
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
         schema = output_schema(plan, config.top_k)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), schema, total, started, started_at,
-                   Pivot.build(schema, questions) if config.wide else None)
+                   Pivot.build(schema, questions) if config.wide else None, calibration)
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay)."""
@@ -130,7 +130,7 @@ class Job:
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
         return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
                 "device": device, "dtype": dtype, "started_at": self.started_at,
-                **calibrate.calibration_metadata(self.config), **questions_metadata(self.plan)}
+                **calibrate.calibration_metadata(self.config, self.calibration), **questions_metadata(self.plan)}
 
     def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,
                    max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -143,7 +143,7 @@ class Job:
             "inputs": input_fingerprint(self.plan),
             "model": model,
             # what changes answers, batching included (it moves floating-point rounding)
-            "options": {**c.answer_options(), **calibrate.calibration_identity(c), "device": device_type,
+            "options": {**c.answer_options(), **calibrate.calibration_identity(c, self.calibration), "device": device_type,
                         "dtype": dtype, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                         "rows_per_window": c.rows_per_window},
             "schema": self.schema.to_string(),
@@ -159,8 +159,8 @@ class Job:
     def already_done(self) -> RunSummary:
         """The summary stored in this job's output; the work directory's leftovers removed."""
         self.parts.remove()
-        return write_report(RunSummary(**{**read_metadata(self.output)["summary"], "output": self.output}),
-                         self.config)
+        return write_report(RunSummary.from_dict({**read_metadata(self.output)["summary"], "output": self.output}),
+                            self.config)
 
     def finish(self, summary: RunSummary, metadata: dict, this_run: Progress) -> RunSummary:
         """Assemble the parts into the output; the summary counts every part and this run's rows,

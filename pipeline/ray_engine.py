@@ -149,7 +149,7 @@ class RayAnswerer:
     """A Ray Data actor: one model, many shards; each shard's answers become one file."""
 
     def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int, files: str,
-                 model: dict):
+                 model: dict, calibration: calibrate.Calibration | None = None):
         import ray
         import torch
 
@@ -159,7 +159,7 @@ class RayAnswerer:
         self.mismatch = None if loaded.identity == model else (
             f"{socket.gethostname()} loaded {config.model} as {loaded.identity}, the driver planned the job with "
             f"{model}: every node needs the same model")
-        self.stages = Stages.build(config, loaded, cpu_workers=threads)  # CPU: one thread per worker
+        self.stages = Stages.build(config, loaded, threads, calibration)  # CPU: one thread per worker
         # each file's metadata: the driver's (version, options, job) and this actor's model and device
         self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
                          "dtype": loaded.dtype_name}
@@ -230,6 +230,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     check_options(config)
+    calibration = calibrate.plan_calibration(config)  # the actors get this copy: the file may be on this node only
     num_gpus = _check_ray_options(config)
     if os.path.isdir(config.model):  # actors start in other folders, on other nodes
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
@@ -260,7 +261,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             raise UsageError(f"--num-gpus {num_gpus}: this machine has no GPU Ray can use; use --num-gpus 0 "
                              "(CPU actors), or --ray-address to join a cluster with GPUs")
         work = WorkDir(staging)
-        work.open(_manifest(config, plan, model, actors.gpu, schema), config.restart, output)
+        work.open(_manifest(config, plan, model, actors.gpu, schema, calibration), config.restart, output)
         finished = commit.read_success(output)
         if finished is not None and finished.get("job_id") == work.job_id:
             storage.delete(staging)  # killed after publishing, before the clean-up: nothing left to do
@@ -268,7 +269,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
         staged = commit.read_success(files)
         if staged is None or staged.get("job_id") != work.job_id:  # else: killed while publishing
             metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
-                        "started_at": started_at, "job_id": work.job_id, **calibrate.calibration_metadata(config),
+                        "started_at": started_at, "job_id": work.job_id, **calibrate.calibration_metadata(config, calibration),
                         **questions_metadata(plan)}
             todo = _shards_left(files, total)
             done_before = total - _rows(todo)
@@ -286,7 +287,8 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             if shards:
                 try:
                     this_run = _answer_shards(ray, shards, actors, max_actors, config, plan, metadata, files,
-                                              model, total, done_before, staging, stop_requested, owns_ray)
+                                              model, total, done_before, staging, stop_requested, owns_ray,
+                                              calibration)
                 except Interrupted:  # the rows kept are those in shard files, some not yet reported
                     raise Interrupted(_rows(tile(list(_shard_files(files)), total)[0]) * plan.answers_per_row,
                                       staging) from None
@@ -397,14 +399,15 @@ def _dtype_name(config: RunConfig, gpu: bool) -> str:
     return str(resolve_dtype(config.dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
 
 
-def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema) -> dict:
+def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema,
+              calibration: calibrate.Calibration | None) -> dict:
     """What identifies the job, as the local engine's manifest does (resume.py compares them)."""
     batch_size = config.batch_size or (CUDA_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
     return {
         "inputs": input_fingerprint(plan),
         "model": model,
         # what changes answers, batching included (it moves floating-point rounding); not the shard size
-        "options": {**config.answer_options(), **calibrate.calibration_identity(config), "engine": "ray",
+        "options": {**config.answer_options(), **calibrate.calibration_identity(config, calibration), "engine": "ray",
                     "device": "cuda" if gpu else "cpu",
                     "dtype": _dtype_name(config, gpu), "batch_size": batch_size,
                     "max_batch_tokens": config.max_batch_tokens or batch_size * config.max_seq_len,
@@ -477,8 +480,7 @@ def _check_rows(files: str, total: int, staging: str, answers_per_row: int = 1, 
 
 
 def _summary_from(success: dict, output: str) -> RunSummary:
-    fields = {f.name for f in dataclasses.fields(RunSummary)}
-    return RunSummary(**{**{k: v for k, v in success.items() if k in fields}, "output": output})
+    return RunSummary.from_dict({**success, "output": output})
 
 
 def _pool(ray, actors: ActorPlan, max_actors: int):
@@ -496,7 +498,8 @@ _END = object()
 
 def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int, config: RunConfig,
                    plan: InputPlan, metadata: dict, files: str, model: dict, total: int, done_before: int,
-                   staging: str, stop_requested: threading.Event | None, owns_ray: bool) -> dict:
+                   staging: str, stop_requested: threading.Event | None, owns_ray: bool,
+                   calibration: calibrate.Calibration | None) -> dict:
     """Run the shards on the actor pool; return this run's counts. Finished shards are files by now.
 
     Stopped or failed, the job is cancelled by ending the Ray connection (when this process
@@ -513,7 +516,7 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
         RayAnswerer, batch_size=1, compute=_pool(ray, actors, max_actors), num_cpus=actors.cpus,
         num_gpus=1 if actors.gpu else 0,
         fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata, "threads": actors.threads,
-                               "files": files, "model": model})  # Ray Data restarts lost actors, redoes their shards
+                               "files": files, "model": model, "calibration": calibration})  # Ray Data restarts lost actors, redoes their shards
     results: queue.Queue = queue.Queue()
 
     def consume() -> None:  # its own thread, so that the driver can stop waiting at any time

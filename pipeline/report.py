@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 from . import storage
@@ -64,7 +64,7 @@ class RunSummary:
         text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
                 f"{self.rows_per_s:.1f} {unit}s/s, {self.chunks_per_s:.1f} chunks/s")
         if self.resumed_from_row:
-            text += (f"; with the {plural(self.resumed_from_row, unit)} answered before, "
+            text += (f"; with the {plural(self.resumed_from_row, unit)} {'given' if q else 'answered'} before, "
                      f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
         return f"{text} -> {self.output}"
 
@@ -79,6 +79,13 @@ class RunSummary:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSummary":
+        """A summary stored by any qa-batch version: fields it lacks keep their defaults, fields
+        this version does not know are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 _COUNTS = ("rows", "chunks", "answered", "errors")

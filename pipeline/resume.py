@@ -62,7 +62,7 @@ def input_fingerprint(plan: InputPlan) -> list[dict]:
     return out
 
 
-def _describe_difference(old: dict, new: dict) -> str:
+def describe_difference(old: dict, new: dict) -> str:
     """Name what differs between two manifests, most telling first."""
     if old.get("inputs") != new.get("inputs"):
         before = {i["path"]: i for i in old.get("inputs", [])}
@@ -85,8 +85,11 @@ def _describe_difference(old: dict, new: dict) -> str:
     for key in sorted(set(old.get("options", {})) | set(new.get("options", {}))):
         a, b = old.get("options", {}).get(key), new.get("options", {}).get(key)
         if a != b:
-            if key == "calibration" and a and b and a.get("path") == b.get("path"):
+            if key == "calibration" and isinstance(a, dict) and isinstance(b, dict) and a["path"] == b["path"]:
                 return f"the calibration {b['path']} was refitted since the interrupted run (its parameters differ)"
+            if key == "calibration" and isinstance(a, str):  # earlier manifests named it by its path only
+                return (f"the interrupted run applied the calibration {a} but did not record its parameters "
+                        "(an older qa-batch), so they cannot be checked")
             return f"option {key} differs: {a!r} then, {b!r} now"
     return "the output schema differs"
 
@@ -152,7 +155,7 @@ class WorkDir:
             if not finished:
                 raise UsageError(
                     f"{self.path} holds the parts of an interrupted run that differs from this one: "
-                    f"{_describe_difference(old, manifest)}. Rerun the original command to finish it, "
+                    f"{describe_difference(old, manifest)}. Rerun the original command to finish it, "
                     "or pass --restart to discard its parts.")
             # else: the leftovers of another job that finished (its clean-up was cut short)
         storage.delete(self.path)

@@ -92,8 +92,9 @@ def search_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, rules: Sp
 
 
 def log_sum_exp(band: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 1, summed in float64: a float32 sum of thousands of terms moves with
-    the order of the additions (how a kernel splits them), and the run's output must not."""
-    top = band.amax(dim=1, keepdim=True).clamp_min(torch.finfo(band.dtype).min)  # finite: no -inf - -inf
+    """logsumexp over dim 1, the terms summed in float64: far less sensitive than a float32 sum
+    to the order of the additions (how a kernel splits them), which the output should not show."""
+    top = band.amax(dim=1, keepdim=True)
+    top = top.masked_fill(top.isinf(), 0.0)  # as torch.logsumexp: a row of -inf gives -inf, a +inf gives +inf
     total = torch.exp(band - top).sum(dim=1, dtype=torch.float64)
     return (torch.log(total) + top[:, 0].double()).float()

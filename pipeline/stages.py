@@ -47,9 +47,11 @@ class Stages:
     calibration: calibrate.Calibration | None = None  # --calibration: null bias and calibrated confidence
 
     @classmethod
-    def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1) -> "Stages":
+    def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1,
+              calibration: calibrate.Calibration | None = None) -> "Stages":
+        """`calibration`: the job's copy (plan_calibration); None loads --calibration's file here."""
         loaded = onnx_backend.prepared(loaded, config)  # --backend onnxruntime: its session replaces the model
-        cal = calibrate.load(config.calibration) if config.calibration else None
+        cal = calibration or (calibrate.load(config.calibration) if config.calibration else None)
         if cal is not None:
             calibrate.check_calibration(config, cal, loaded)
         on_cuda = loaded.device.type == "cuda"

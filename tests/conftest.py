@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -99,7 +100,7 @@ FLOAT_RTOL, FLOAT_ATOL = 1e-4, 1e-6
 
 def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
-        return a == b or abs(a - b) <= FLOAT_ATOL + FLOAT_RTOL * abs(b)
+        return a == b or abs(a - b) <= FLOAT_ATOL + FLOAT_RTOL * abs(b) or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):

@@ -4,6 +4,7 @@ calibration for another run is refused, and applying one changes only confidence
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, assert_same_answers, run_cli
 from pipeline import calibrate
 from pipeline.calibrate import RowLogits
 from pipeline.evaluate import evaluate
@@ -266,3 +267,39 @@ def test_a_calibration_refitted_between_a_kill_and_the_rerun_is_not_mixed_in(fit
     assert r.returncode == 0, r.stderr
     meta = json.loads(pq.read_metadata(out).metadata[b"qa_batch"])
     assert meta["calibration"]["digest"] == calibrate.load(str(cal)).digest
+
+
+def test_every_engine_applies_the_one_calibration_the_job_loaded(fitted, tmp_path):
+    """Worker processes and Ray actors apply the calibration the job loaded (passed to them, not
+    read again from the file): the same output as one process, with the same digest recorded."""
+    pytest.importorskip("ray.data")
+    d = fitted["dir"]
+    cal = os.path.relpath(d / "cal.json", ROOT)  # a relative path, as users give it
+    common = [fitted["sample"], *fitted["common"], "--rows-per-window", 8, "--calibration", cal]
+    r = run_cli("run", *common, "-o", tmp_path / "one.parquet")
+    assert r.returncode == 0, r.stderr
+    one = pq.read_table(tmp_path / "one.parquet")
+    r = run_cli("run", *common, "-o", tmp_path / "two.parquet", "--devices", "cpu,cpu")
+    assert r.returncode == 0, r.stderr
+    assert_same_answers(pq.read_table(tmp_path / "two.parquet"), one)
+    r = run_cli("run", *common, "-o", tmp_path / "ray", "--engine", "ray", "--num-gpus", "0", "--cpu-workers", "1",
+                timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = pq.read_table(tmp_path / "ray").sort_by("id")
+    assert_same_answers(got.select(one.column_names), one.sort_by("id"))
+    meta = json.loads(pq.read_metadata(tmp_path / "two.parquet").metadata[b"qa_batch"])
+    assert meta["calibration"]["digest"] == calibrate.load(str(d / "cal.json")).digest
+
+
+def test_a_manifest_from_before_calibration_digests_is_a_different_job():
+    from pipeline.resume import describe_difference
+
+    old = {"inputs": [], "model": {}, "options": {"calibration": "cal.json", "top_k": 1}}
+    new = {"inputs": [], "model": {}, "options": {"calibration": {"path": "cal.json", "digest": "sha256:1"},
+                                                  "top_k": 1}}
+    assert "did not record its parameters" in describe_difference(old, new)
+    refit = {**new, "options": {**new["options"], "calibration": {"path": "cal.json", "digest": "sha256:2"}}}
+    assert describe_difference(new, refit) == \
+        "the calibration cal.json was refitted since the interrupted run (its parameters differ)"
+    elsewhere = {**new, "options": {**new["options"], "calibration": {"path": "b.json", "digest": "sha256:1"}}}
+    assert describe_difference(new, elsewhere).startswith("option calibration differs")

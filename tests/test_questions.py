@@ -356,7 +356,7 @@ def test_the_summary_line_counts_answers_to_the_questions_of_the_rows():
     s.set_counts({"rows": 30, "chunks": 40, "answered": 25, "errors": 1},
                  {"rows": 12, "chunks": 18, "answered": 10, "errors": 0})
     assert s.line() == ("qa-batch: 12 answers to 6 questions of 2 rows (10 answered, 2 null, 0 errors), 18 chunks "
-                        "in 2.0 s on cpu: 6.0 answers/s, 9.0 chunks/s; with the 18 answers answered before, "
+                        "in 2.0 s on cpu: 6.0 answers/s, 9.0 chunks/s; with the 18 answers given before, "
                         "30 answers to 6 questions of 5 rows (25 answered, 4 null, 1 error), 40 chunks in all "
                         "-> out.parquet")
     pairs = RunSummary(output="o", elapsed_s=1.0, rows_per_s=1.0)

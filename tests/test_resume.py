@@ -188,7 +188,8 @@ def test_leftovers_of_a_finished_job_never_pass_for_the_next_job(job, tmp_path):
     r = subprocess.run(command(job, out, "--overwrite", input=inp), capture_output=True, text=True,
                        env=env(QA_BATCH_CRASH_AT="cleaning_up:1"), cwd=ROOT)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert_same_answers(pq.read_table(out), job["reference"]) and os.path.exists(str(out) + ".partial")
+    assert_same_answers(pq.read_table(out), job["reference"])
+    assert os.path.exists(str(out) + ".partial")
     # the next night: new rows in the same input file
     tonight = pq.read_table(job["input"]).slice(3, 9)
     pq.write_table(tonight, inp)
@@ -218,7 +219,8 @@ def test_the_same_job_killed_while_cleaning_up_reports_its_own_summary(job, tmp_
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr  # no "output exists": it is this job's own output
     assert json.loads(report.read_text())["rows"] == job["reference"].num_rows
-    assert_same_answers(pq.read_table(out), job["reference"]) and not os.path.exists(work)
+    assert_same_answers(pq.read_table(out), job["reference"])
+    assert not os.path.exists(work)
 
 
 SUMMARY = re.compile(
