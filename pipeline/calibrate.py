@@ -55,7 +55,7 @@ GAP_CAP = 20.0  # logits: beyond this the runner-up no longer matters
 MARGIN_CAP = 40.0
 # Options that change the logits a calibration reads; a run with other values is refused.
 FITTED_OPTIONS = ("max_seq_len", "doc_stride", "max_answer_len", "truncate_question", "max_question_len",
-                  "dtype", "quantize")
+                  "dtype", "quantize", "backend")
 
 
 @dataclass(frozen=True)
@@ -239,8 +239,8 @@ class Calibration:
         if not same_model:
             out.append(f"model {model.get('id')} ({model.get('revision')}), fitted for {self.model.get('id')} "
                        f"({self.model.get('revision')})")
-        for key in FITTED_OPTIONS:
-            if key in options and key in self.options and options[key] != self.options[key]:
+        for key in FITTED_OPTIONS:  # a key the fitted run did not record (an older qa-batch) is not compared
+            if key in options and self.options.get(key) is not None and options[key] != self.options[key]:
                 out.append(f"--{key.replace('_', '-')} {options[key]}, fitted with {self.options[key]}")
         return out
 

@@ -3,6 +3,7 @@ calibration for another run is refused, and applying one changes only confidence
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -206,6 +207,7 @@ def test_run_with_a_calibration_changes_only_confidence_and_null_decisions(fitte
     (["--max-seq-len", 96], "--max-seq-len 96, fitted with 128"),
     (["--doc-stride", 16], "--doc-stride 16, fitted with 32"),
     (["--quantize", "int8", "--device", "cpu"], "--quantize int8, fitted with none"),
+    (["--backend", "onnxruntime", "--device", "cpu"], "--backend onnxruntime, fitted with torch"),
     (["--null-threshold", 1.5], "drop --null-threshold"),
     ("other model", "fitted for"),
 ])
@@ -303,3 +305,13 @@ def test_a_manifest_from_before_calibration_digests_is_a_different_job():
         "the calibration cal.json was refitted since the interrupted run (its parameters differ)"
     elsewhere = {**new, "options": {**new["options"], "calibration": {"path": "b.json", "digest": "sha256:1"}}}
     assert describe_difference(new, elsewhere).startswith("option calibration differs")
+
+
+def test_an_option_the_fitted_run_did_not_record_is_not_compared(fitted):
+    cal = calibrate.load(str(fitted["dir"] / "cal.json"))
+    assert cal.options["backend"] == "torch"
+    older = dataclasses.replace(cal, options={k: v for k, v in cal.options.items() if k != "backend"})
+    unrecorded = dataclasses.replace(cal, options={**cal.options, "backend": None})
+    run = {**cal.options, "backend": "onnxruntime"}
+    assert cal.mismatches(None, run) == ["--backend onnxruntime, fitted with torch"]
+    assert older.mismatches(None, run) == [] and unrecorded.mismatches(None, run) == []
