@@ -208,9 +208,8 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.resumed_from_row:
         before = summary.resumed_from_row
-        unit = "answer" if summary.questions_per_row else "row"
-        log.say("resumed", f"resumed an interrupted run: {plural(before, unit)} {'was' if before == 1 else 'were'} "
-                f"{'given' if summary.questions_per_row else 'answered'} before, {summary.rows_this_run} now",
+        log.say("resumed", f"resumed an interrupted run: {plural(before, summary.unit)} "
+                f"{'was' if before == 1 else 'were'} {summary.earlier_verb} before, {summary.rows_this_run} now",
                 resumed_from_row=summary.resumed_from_row)
     log.say("run_finished", summary.line().removeprefix("qa-batch: "), **summary.as_dict())
 

@@ -56,6 +56,12 @@ def check_options(c: RunConfig) -> None:
     onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
 
 
+def answer_identity(c: RunConfig, calibration: calibrate.Calibration | None) -> dict:
+    """The options that change answers as a resume manifest holds them (both engines), the
+    calibration named by the digest of its parameters."""
+    return {**c.answer_options(), **calibrate.calibration_identity(c, calibration)}
+
+
 def questions_metadata(plan: InputPlan) -> dict:
     """The question list every row was asked, as the output's metadata holds it (nothing without one)."""
     return {"questions": plan.questions.as_dict()} if plan.questions is not None else {}
@@ -143,8 +149,8 @@ class Job:
             "inputs": input_fingerprint(self.plan),
             "model": model,
             # what changes answers, batching included (it moves floating-point rounding)
-            "options": {**c.answer_options(), **calibrate.calibration_identity(c, self.calibration), "device": device_type,
-                        "dtype": dtype, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+            "options": {**answer_identity(c, self.calibration), "device": device_type, "dtype": dtype,
+                        "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                         "rows_per_window": c.rows_per_window},
             "schema": self.schema.to_string(),
         }, c.restart, self.output)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from . import __version__, calibrate, commit, faults, storage
 from .config import RunConfig
 from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
-from .job import check_apart_from_inputs, check_options, default_output, questions_metadata
+from .job import answer_identity, check_apart_from_inputs, check_options, default_output, questions_metadata
 from .model import load_model, model_identity
 from .questions import plan_questions
 from .read import InputPlan, open_parquet, plan_inputs, read_windows
@@ -407,8 +407,7 @@ def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema
         "inputs": input_fingerprint(plan),
         "model": model,
         # what changes answers, batching included (it moves floating-point rounding); not the shard size
-        "options": {**config.answer_options(), **calibrate.calibration_identity(config, calibration), "engine": "ray",
-                    "device": "cuda" if gpu else "cpu",
+        "options": {**answer_identity(config, calibration), "engine": "ray", "device": "cuda" if gpu else "cpu",
                     "dtype": _dtype_name(config, gpu), "batch_size": batch_size,
                     "max_batch_tokens": config.max_batch_tokens or batch_size * config.max_seq_len,
                     "rows_per_window": config.rows_per_window},

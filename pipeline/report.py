@@ -48,10 +48,19 @@ class RunSummary:
     bottleneck: str = ""  # the stage that set the pace (see bottleneck())
     questions_per_row: int = 0  # --questions/--question: asked of every input row (rows then count answers)
 
+    @property
+    def unit(self) -> str:
+        """What an output row is: an answer with a question list, else a row of the input."""
+        return "answer" if self.questions_per_row else "row"
+
+    @property
+    def earlier_verb(self) -> str:
+        """How rows of earlier runs are named: 'rows answered before', 'answers given before'."""
+        return "given" if self.questions_per_row else "answered"
+
     def line(self) -> str:
         """This run's counts, time and rates, on which device; after a resume, the totals too."""
-        q = self.questions_per_row
-        unit = "answer" if q else "row"  # with a question list, an output row is one answer
+        q, unit = self.questions_per_row, self.unit
 
         def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
             asked = f" to {plural(q, 'question')} of {plural(rows // q, 'row')}" if q else ""
@@ -64,7 +73,7 @@ class RunSummary:
         text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
                 f"{self.rows_per_s:.1f} {unit}s/s, {self.chunks_per_s:.1f} chunks/s")
         if self.resumed_from_row:
-            text += (f"; with the {plural(self.resumed_from_row, unit)} {'given' if q else 'answered'} before, "
+            text += (f"; with the {plural(self.resumed_from_row, unit)} {self.earlier_verb} before, "
                      f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
         return f"{text} -> {self.output}"
 

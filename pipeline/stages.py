@@ -47,13 +47,12 @@ class Stages:
     calibration: calibrate.Calibration | None = None  # --calibration: null bias and calibrated confidence
 
     @classmethod
-    def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int = 1,
-              calibration: calibrate.Calibration | None = None) -> "Stages":
-        """`calibration`: the job's copy (plan_calibration); None loads --calibration's file here."""
+    def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int,
+              calibration: calibrate.Calibration | None) -> "Stages":
+        """`calibration`: the job's copy (calibrate.plan_calibration), None without --calibration."""
         loaded = onnx_backend.prepared(loaded, config)  # --backend onnxruntime: its session replaces the model
-        cal = calibration or (calibrate.load(config.calibration) if config.calibration else None)
-        if cal is not None:
-            calibrate.check_calibration(config, cal, loaded)
+        if calibration is not None:
+            calibrate.check_calibration(config, calibration, loaded)
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
         chunk_k = max(config.top_k, 2)
@@ -66,7 +65,7 @@ class Stages:
             batch_size=batch_size,
             max_batch_tokens=config.max_batch_tokens or batch_size * config.max_seq_len,
             chunk_k=chunk_k,
-            calibration=cal,
+            calibration=calibration,
         )
 
     @property

@@ -55,7 +55,7 @@ def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop,
         t0 = time.perf_counter()
         loaded = load_model(job.config.model, device, job.config.dtype, job.config.quantize)
         progress.stages["load_model"] += time.perf_counter() - t0
-        stages = Stages.build(job.config, loaded, cpu_workers=threads, calibration=job.calibration)
+        stages = Stages.build(job.config, loaded, threads, job.calibration)
         results.put(("ready", key, {
             "model": loaded.identity, "device_type": loaded.device.type, "dtype": loaded.dtype_name,
             "batch_size": stages.batch_size, "max_batch_tokens": stages.max_batch_tokens,
