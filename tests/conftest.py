@@ -98,13 +98,14 @@ def s3(tmp_path_factory):
 FLOAT_RTOL, FLOAT_ATOL = 1e-4, 1e-6
 
 
-def _close(a, b) -> bool:
+def same_values(a, b) -> bool:
+    """Equal, floats (also inside lists and dicts) to FLOAT_RTOL: what two runs must share."""
     if isinstance(a, float) and isinstance(b, float):
         return a == b or abs(a - b) <= FLOAT_ATOL + FLOAT_RTOL * abs(b) or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
     return a == b
 
 
@@ -116,7 +117,7 @@ def assert_same_answers(got: pa.Table, want: pa.Table) -> None:
     problems = []
     for name in want.column_names:
         a, b = got[name].to_pylist(), want[name].to_pylist()
-        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not _close(x, y)]
+        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not same_values(x, y)]
         if bad:
             problems.append(f"column {name!r}: {len(bad)} rows differ, first {bad[:5]}: "
                             + "; ".join(f"got {a[i]!r}, expected {b[i]!r}" for i in bad[:2]))
