@@ -36,7 +36,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(HERE))
-    from pipeline.squad import squad_rows
+    from pipeline.quality.squad import squad_rows
 
     rows = squad_rows(SQUAD)[: args.rows]
     tok = AutoTokenizer.from_pretrained(args.model)

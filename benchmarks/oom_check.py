@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from pipeline.batch import collate
-from pipeline.chunk import Chunker
-from pipeline.infer import Predictor
-from pipeline.model import load_model
+from pipeline.stages.batch import collate
+from pipeline.stages.chunk import Chunker
+from pipeline.stages.infer import Predictor
+from pipeline.models.checkpoint import load_model
 
 
 def main(checkpoint: str) -> int:

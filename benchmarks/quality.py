@@ -69,7 +69,7 @@ def evaluate(args, answers: str, gold: str, *extra: str) -> dict:
 
 
 def build_inputs(args) -> dict[str, str]:
-    from pipeline.squad import convert
+    from pipeline.quality.squad import convert
 
     gold = {}
     for setting in SETTINGS:

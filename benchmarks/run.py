@@ -161,7 +161,7 @@ def tokenization_benchmark(ckpt: str, inp: str, seq: int, stride: int) -> dict:
     """Chunker (each distinct text once) against encoding every pair on its own."""
     from transformers import AutoTokenizer
 
-    from pipeline.chunk import Chunker
+    from pipeline.stages.chunk import Chunker
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     t = pq.read_table(inp)

@@ -147,7 +147,7 @@ def run(
     Or ask the same questions of every passage: qa-batch run contracts.parquet --questions fields.csv --wide
     """
     from pipeline.config import RunConfig, default_model
-    from pipeline.engine import run as run_engine
+    from pipeline.engines.local import run as run_engine
 
     log = EventLog(log_format, quiet)
     config = RunConfig(
@@ -186,7 +186,7 @@ def run(
             inputs=list(config.inputs), model=config.model)
     try:
         if engine == "ray":
-            from pipeline.ray_engine import run_ray
+            from pipeline.engines.ray_engine import run_ray
 
             summary = run_ray(config, stop_requested=stop,
                               on_plan=lambda plan: log.say("ray_plan", plan.line(), **plan.as_dict()))
@@ -297,7 +297,7 @@ def convert(
 
     Columns: id, title, question, passage, answers (list of strings), answer_starts, is_impossible.
     """
-    from pipeline.squad import convert as do_convert
+    from pipeline.quality.squad import convert as do_convert
 
     with _errors_exit():
         n = do_convert(squad_json, output, join_article)
@@ -327,8 +327,9 @@ def eval_command(
 
     For SQuAD 2.0-style data it also finds the --null-threshold that maximises EM and F1, from each row's null margin (null_score - score). It reports how well confidence predicts a right answer (F1 >= 0.5, or null for an unanswerable question): expected calibration error over 10 equal-width bins (ECE: the average gap between confidence and the share of right answers) and Brier score. Rows missing from either table are counted.
     """
-    from pipeline import calibrate, storage
-    from pipeline.evaluate import apply_calibration, evaluate, fit_calibration as fit, plot
+    from pipeline import storage
+    from pipeline.quality import calibrate
+    from pipeline.quality.evaluate import apply_calibration, evaluate, fit_calibration as fit, plot
 
     with _errors_exit():
         report = evaluate(answers, gold, id_col, gold_col)
@@ -378,7 +379,7 @@ def summary(
     json_path: Optional[str] = typer.Option(None, "--json", show_default=False, help="Also write it as JSON."),
 ):
     """Rows, answers, nulls, errors by reason and confidence of a run's output."""
-    from pipeline.summary import render, summarize
+    from pipeline.quality.summary import render, summarize
 
     with _errors_exit():
         s = summarize(answers, by, top)

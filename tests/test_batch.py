@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from pipeline.batch import collate, plan_batches
-from pipeline.chunk import Chunker
+from pipeline.stages.batch import collate, plan_batches
+from pipeline.stages.chunk import Chunker
 from pipeline.config import RunConfig
-from pipeline.engine import run
-from pipeline.spans import search_spans
+from pipeline.engines.local import run
+from pipeline.stages.spans import search_spans
 
 
 def test_plan_batches_respects_both_limits_and_takes_every_chunk_once():

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, SAMPLE, assert_same_answers, run_cli, same_values
-from pipeline import calibrate
-from pipeline.calibrate import RowLogits
-from pipeline.evaluate import evaluate
+from pipeline.quality import calibrate
+from pipeline.quality.calibrate import RowLogits
+from pipeline.quality.evaluate import evaluate
 
 
 def synthetic_logits(rng: np.random.Generator, n: int) -> RowLogits:
@@ -196,7 +196,7 @@ def test_run_with_a_calibration_changes_only_confidence_and_null_decisions(fitte
     assert meta["calibration"]["null_bias"] == cal["null_bias"] and meta["calibration"]["digest"].startswith("sha256:")
     assert meta["options"]["calibration"] == str(d / "cal.json")
     offline = evaluate(str(d / "plain.parquet"), fitted["sample"])
-    from pipeline.evaluate import apply_calibration
+    from pipeline.quality.evaluate import apply_calibration
 
     apply_calibration(offline, calibrate.load(str(d / "cal.json")), "cal.json", str(d / "plain.parquet"))
     ran = evaluate(str(d / "calibrated.parquet"), fitted["sample"])
@@ -295,7 +295,7 @@ def test_every_engine_applies_the_one_calibration_the_job_loaded(fitted, tmp_pat
 
 
 def test_a_manifest_from_before_calibration_digests_is_a_different_job():
-    from pipeline.resume import describe_difference
+    from pipeline.engines.resume import describe_difference
 
     old = {"inputs": [], "model": {}, "options": {"calibration": "cal.json", "top_k": 1}}
     new = {"inputs": [], "model": {}, "options": {"calibration": {"path": "cal.json", "digest": "sha256:1"},

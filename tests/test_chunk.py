@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.chunk import Chunker, chunk_windows, row_error
+from pipeline.stages.chunk import Chunker, chunk_windows, row_error
 from tiny_models import FAMILIES, bert_tokenizer_object, save_tokenizer
 
 PASSAGES = [

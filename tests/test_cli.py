@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE, run_cli, write_parquet
-from pipeline.write import read_metadata
+from pipeline.stages.write import read_metadata
 
 
 def no_files_left(directory) -> bool:

@@ -29,8 +29,8 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RunConfig
-from pipeline.engine import run
-from pipeline.model import LoadedModel, load_model
+from pipeline.engines.local import run
+from pipeline.models.checkpoint import LoadedModel, load_model
 from tiny_models import CORPUS
 
 TOL = 1e-4

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.chunk import Chunker, chunk_windows
+from pipeline.stages.chunk import Chunker, chunk_windows
 from pipeline.config import RunConfig
-from pipeline.engine import run
-from pipeline.report import bottleneck
-from pipeline.model import LoadedModel
+from pipeline.engines.local import run
+from pipeline.engines.report import bottleneck
+from pipeline.models.checkpoint import LoadedModel
 from conftest import write_parquet
 
 FILLER = "the normans were descended from norse raiders and pirates from denmark iceland and norway "

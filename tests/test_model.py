@@ -10,7 +10,7 @@ import torch
 
 from conftest import SAMPLE, run_cli
 from pipeline.errors import UsageError
-from pipeline.model import load_model, resolve_device, resolve_dtype
+from pipeline.models.checkpoint import load_model, resolve_device, resolve_dtype
 from tiny_models import make_checkpoint
 
 

@@ -19,11 +19,11 @@ from hypothesis import given, settings
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime extra: pip install -e '.[onnxruntime]'")
 
-from pipeline import onnx_backend  # noqa: E402
+from pipeline.models import onnx_backend# noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.engine import run  # noqa: E402
+from pipeline.engines.local import run  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
-from pipeline.model import load_model  # noqa: E402
+from pipeline.models.checkpoint import load_model  # noqa: E402
 from conftest import SAMPLE, run_cli  # noqa: E402
 from test_differential import Models, answer, options, rows_of  # noqa: E402
 

@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, SAMPLE, assert_same_answers, run_cli, write_parquet
 from pipeline.config import RunConfig
-from pipeline.engine import run
+from pipeline.engines.local import run
 from pipeline.errors import UsageError
-from pipeline.questions import QuestionList, load
-from pipeline.wide import ANSWER_COLUMNS, to_long, wide_name
-from pipeline.write import read_metadata
+from pipeline.stages.questions import QuestionList, load
+from pipeline.stages.wide import ANSWER_COLUMNS, to_long, wide_name
+from pipeline.stages.write import read_metadata
 from test_differential import models, options, texts  # noqa: F401  (models: the fixture)
 
 # ---------------------------------------------------------------------------- generated
@@ -190,8 +190,8 @@ def test_a_list_in_a_file_and_one_by_one_are_not_mixed(tmp_path):
 
 def test_each_passage_is_tokenized_once_for_all_its_questions(bert_tokenizer):
     """The chunker shares a window's passages: n documents x m questions hold n passages' tokens."""
-    from pipeline.chunk import Chunker
-    from pipeline.read import RowBatch, ask_each
+    from pipeline.stages.chunk import Chunker
+    from pipeline.stages.read import RowBatch, ask_each
 
     passages = ["alpha beta gamma " * 40, "delta omega " * 30, None]
     docs = RowBatch(first_row=10, passages=passages, questions=[], ids=None, kept={})
@@ -349,7 +349,7 @@ def test_the_readme_contracts_example(bert_dir, tmp_path):
 
 
 def test_the_summary_line_counts_answers_to_the_questions_of_the_rows():
-    from pipeline.report import RunSummary
+    from pipeline.engines.report import RunSummary
 
     s = RunSummary(output="out.parquet", device="cpu", elapsed_s=2.0, rows_per_s=6.0, chunks_per_s=9.0,
                    resumed_from_row=18, questions_per_row=6)

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, SAMPLE, assert_same_answers, run_cli
-from pipeline.shards import parse_shard_name
-from pipeline.write import read_metadata
+from pipeline.engines.shards import parse_shard_name
+from pipeline.stages.write import read_metadata
 
 pytest.importorskip("ray.data")
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_parquet
 from pipeline.errors import UsageError
-from pipeline.read import plan_inputs, read_windows
+from pipeline.stages.read import plan_inputs, read_windows
 
 
 def test_windows_stream_across_files_with_mixed_string_encodings(tmp_path):
@@ -52,7 +52,7 @@ def test_custom_column_names_and_missing_keep_column(tmp_path):
 
 
 def test_directories_skip_hidden_folders_and_work_directories(tmp_path):
-    from pipeline.read import resolve_inputs
+    from pipeline.stages.read import resolve_inputs
 
     for rel in ("a.parquet", "sub/b.parquet", ".hidden/c.parquet", "out.parquet.partial/part-000000000000.parquet",
                 "_tmp/d.parquet", "notes.txt"):
@@ -65,7 +65,7 @@ def test_directories_skip_hidden_folders_and_work_directories(tmp_path):
 
 def test_a_resume_point_skips_whole_files_without_reading_them(tmp_path, monkeypatch):
     """Each file's row count comes from the plan (its footer read once), not from reopening it."""
-    import pipeline.read as read
+    import pipeline.stages.read as read
 
     for i in range(4):
         pq.write_table(pa.table({"passage": [f"p{i}-{j}" for j in range(5)], "question": ["q"] * 5}),
@@ -81,7 +81,7 @@ def test_a_resume_point_skips_whole_files_without_reading_them(tmp_path, monkeyp
 
 
 def test_directory_discovery_skips_hidden_underscore_and_work_folders(tmp_path):
-    from pipeline.read import directory_inputs
+    from pipeline.stages.read import directory_inputs
 
     for name in ["a.parquet", "_SUCCESS", "_b.parquet", ".c.parquet", "notes.txt", ".hidden/d.parquet",
                  "_temporary/e.parquet", "x.answers.parquet.partial/part-000000000000.parquet", "sub/f.parquet"]:

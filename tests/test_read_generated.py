@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from pipeline.read import plan_inputs, read_windows
+from pipeline.stages.read import plan_inputs, read_windows
 
 TEXT = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["", " ", "\r\n", "東京", "👩\u200d💻"]))
 TEXT_TYPES = ["string", "large_string", "dictionary"]

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from pipeline import commit
-from pipeline.ray_engine import plan_actors
-from pipeline.shards import parse_shard_name, shard_name, split_ranges, tile
+from pipeline.engines import commit
+from pipeline.engines.ray_engine import plan_actors
+from pipeline.engines.shards import parse_shard_name, shard_name, split_ranges, tile
 
 
 def test_shard_names_give_back_their_row_range_and_sort_in_row_order():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.spans import SpanRules, search_spans
+from pipeline.stages.spans import SpanRules, search_spans
 
 
 def passage_rules(ctx_start, ctx_len, L, cls_pos=None) -> SpanRules:
@@ -104,7 +104,7 @@ def test_log_norm_is_the_logsumexp_to_one_ulp_in_any_order(seed):
     """log_norm (summed in float64) is the exact logsumexp of the span scores to one float32
     unit in the last place, also with the spans in another order: -inf spans count for nothing,
     a chunk without a valid span gets -inf, and an infinite score gives +inf (as torch's)."""
-    from pipeline.spans import log_sum_exp
+    from pipeline.stages.spans import log_sum_exp
 
     g = torch.Generator().manual_seed(seed)
     band = torch.randn(4, 384 * 30, generator=g) * 4

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, SAMPLE, run_cli
-from pipeline.evaluate import evaluate, exact_match, f1, normalize_answer
+from pipeline.quality.evaluate import evaluate, exact_match, f1, normalize_answer
 
 SQUAD = {
     "version": "v2.0",

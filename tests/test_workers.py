@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, SAMPLE, assert_same_answers, run_cli
-from pipeline.resume import WorkDir
-from pipeline.workers import balanced_shard_rows, split_ranges
+from pipeline.engines.resume import WorkDir
+from pipeline.engines.workers import balanced_shard_rows, split_ranges
 
 OPTIONS = ["--rows-per-window", "4", "--max-seq-len", "128", "--doc-stride", "32", "--top-k", "2"]
 
@@ -124,7 +124,7 @@ def test_sigterm_stops_every_worker_and_the_rerun_resumes(job, tmp_path):
 def test_auto_and_cuda_mean_every_visible_gpu(monkeypatch):
     import torch
 
-    from pipeline.model import devices_for
+    from pipeline.models.checkpoint import devices_for
 
     # No GPU here: pretend CUDA reports three, to check the choice the engine makes from it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

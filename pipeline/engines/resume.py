@@ -32,11 +32,11 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults, storage
-from .errors import RuntimeFailure, UsageError
-from .read import InputPlan
-from .wide import Pivot
-from .write import count_answers, read_metadata
+from .. import faults, storage
+from ..errors import RuntimeFailure, UsageError
+from ..stages.read import InputPlan
+from ..stages.wide import Pivot
+from ..stages.write import count_answers, read_metadata
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d{12})\.parquet$")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .errors import UsageError
+from ..errors import UsageError
 from .questions import QuestionList
 
 # The long form's columns that hold one question's answer, in their order there.
@@ -110,7 +110,7 @@ def to_long(table: pa.Table, questions: QuestionList) -> pa.Table:
 def long_form(table: pa.Table, path: str) -> pa.Table:
     """The qa-batch output read from `path` in the long form: a --wide one (its metadata names
     the questions) turned back by `to_long`, any other as it is. For the tools that read outputs."""
-    from . import storage
+    from .. import storage
     from .write import read_metadata
 
     files = [path]

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import calibrate, onnx_backend
-from .batch import HostBatch, collate, plan_batches
-from .chunk import ChunkSet, Chunker
-from .config import RunConfig
-from .infer import Predictor
-from .merge import RowAnswer, WindowSpans, merge_window
-from .model import LoadedModel
-from .read import RowBatch
-from .write import answers_table
-
+from ..config import RunConfig
+from ..models import onnx_backend
+from ..models.checkpoint import LoadedModel
+from ..quality import calibrate
+from ..stages.batch import HostBatch, collate, plan_batches
+from ..stages.chunk import Chunker, ChunkSet
+from ..stages.infer import Predictor
+from ..stages.merge import RowAnswer, WindowSpans, merge_window
+from ..stages.read import RowBatch
+from ..stages.write import answers_table
 
 CPU_BATCH_SIZE = 4  # per CPU worker: small batches stay in cache and win (BENCHMARKS.md)
 

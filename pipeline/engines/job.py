@@ -16,15 +16,17 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import __version__, calibrate, onnx_backend, storage
-from .config import RunConfig
-from .errors import UsageError
-from .questions import plan_questions
-from .read import InputPlan, plan_inputs
+from .. import __version__, storage
+from ..config import RunConfig
+from ..errors import UsageError
+from ..models import onnx_backend
+from ..quality import calibrate
+from ..stages.questions import plan_questions
+from ..stages.read import InputPlan, plan_inputs
+from ..stages.wide import Pivot
+from ..stages.write import output_schema, read_metadata
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
-from .wide import Pivot
-from .write import output_schema, read_metadata
 
 
 def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:

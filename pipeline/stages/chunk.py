@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from .wording import plural
+from ..wording import plural
 
 
 @dataclass(frozen=True)

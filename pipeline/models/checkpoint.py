@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import RuntimeFailure, UsageError
+from ..errors import RuntimeFailure, UsageError
 
 _MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

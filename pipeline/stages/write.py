@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import UsageError
+from .. import storage
+from ..errors import UsageError
 from .answers import RowAnswer
 from .read import InputPlan, RowBatch
 

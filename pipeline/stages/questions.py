@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import storage
-from .errors import UsageError
-from .wording import plural
+from .. import storage
+from ..errors import UsageError
+from ..wording import plural
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def plan_questions(config) -> QuestionList | None:
         if config.wide:
             raise UsageError("--wide needs a question list: --questions FILE or --question TEXT")
         return None
-    from .model import load_tokenizer
+    from ..models.checkpoint import load_tokenizer
 
     check_fit(questions, load_tokenizer(config.model), config.max_seq_len, config.doc_stride,
               config.max_question_len if config.truncate_question else None)

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import polars as pl
 
-from . import __version__, calibrate, storage
-from .errors import UsageError
-from .wording import plural
+from .. import __version__, storage
+from ..errors import UsageError
+from ..wording import plural
+from . import calibrate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
@@ -223,7 +224,7 @@ def _labels(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 def answers_metadata(answers_path: str) -> dict:
     """The qa-batch metadata of an output file (or of the first file of a Ray output directory)."""
-    from .write import read_metadata
+    from ..stages.write import read_metadata
 
     path = answers_path
     if storage.is_dir(answers_path):

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:  # for type hints only
-    from .config import RunConfig
-    from .model import LoadedModel
+    from ..config import RunConfig
+    from ..models.checkpoint import LoadedModel
 
 FORMAT = "qa-batch-calibration/1"
 FEATURES = ("share", "margin", "is_null", "gap")
@@ -255,7 +255,7 @@ def _jsonable(x):
 
 def load(path: str) -> Calibration:
     """A calibration file written by `qa-batch eval --fit-calibration`; UsageError if it is not one."""
-    from . import storage
+    from .. import storage
 
     try:
         d = json.loads(storage.read_bytes(path))
@@ -356,7 +356,7 @@ def check_calibration(c: RunConfig, cal: Calibration, loaded: LoadedModel | None
     if c.allow_null and cal.null_bias is None:
         raise UsageError(f"{where} was fitted on rows without unanswerable questions and gives no null answers: "
                          "drop --allow-null, or fit it on a sample with unanswerable questions")
-    from .model import content_hash
+    from ..models.checkpoint import content_hash
 
     options = {k: v for k, v in c.answer_options().items() if k != "dtype" or v != "auto"}
     if loaded is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from . import storage
-from .errors import UsageError
-from .wide import long_form
-from .wording import plural
+from .. import storage
+from ..errors import UsageError
+from ..stages.wide import long_form
+from ..wording import plural
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 

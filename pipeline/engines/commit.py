@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 
-from . import faults, storage
+from .. import faults, storage
 
 SUCCESS = "_SUCCESS"
 

@@ -43,19 +43,21 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from . import __version__, calibrate, commit, faults, storage
-from .config import RunConfig
-from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from .. import __version__, faults, storage
+from ..config import RunConfig
+from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from ..models.checkpoint import load_model, model_identity
+from ..quality import calibrate
+from ..stages.questions import plan_questions
+from ..stages.read import InputPlan, open_parquet, plan_inputs, read_windows
+from ..stages.wide import Pivot
+from ..stages.write import METADATA_KEY, count_answers, output_schema
+from . import commit
+from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
 from .job import answer_identity, check_apart_from_inputs, check_options, default_output, questions_metadata
-from .model import load_model, model_identity
-from .questions import plan_questions
-from .read import InputPlan, open_parquet, plan_inputs, read_windows
 from .report import RunSummary, write_report
 from .resume import MANIFEST, WorkDir, input_fingerprint, work_dir_for
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
-from .stages import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from .wide import Pivot
-from .write import METADATA_KEY, count_answers, output_schema
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
 _SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the hub client looks, not from us
@@ -394,7 +396,7 @@ def _refuse_existing_output(output: str, staging: str, files: str, config: RunCo
 def _dtype_name(config: RunConfig, gpu: bool) -> str:
     import torch
 
-    from .model import resolve_dtype
+    from ..models.checkpoint import resolve_dtype
 
     return str(resolve_dtype(config.dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
 

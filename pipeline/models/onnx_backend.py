@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 FORMAT = 1  # bump when the export steps change: entries made by older steps are rebuilt
 OPSET = 18

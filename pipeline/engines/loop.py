@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from . import faults
-from .batch import HostBatch
-from .chunk import ChunkSet
-from .errors import Interrupted
+from .. import faults
+from ..errors import Interrupted
+from ..stages.batch import HostBatch
+from ..stages.chunk import ChunkSet
+from ..stages.merge import WindowSpans
+from ..stages.read import RowBatch, read_windows
+from ..stages.write import answers_table
+from .chain import Stages
 from .job import Job
-from .merge import WindowSpans
-from .read import RowBatch, read_windows
 from .report import Progress
-from .stages import Stages
-from .write import answers_table
 
 
 @dataclass

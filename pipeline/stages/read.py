@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import UsageError
+from .. import storage
+from ..errors import UsageError
+from ..wording import plural
 from .questions import QuestionList
-from .wording import plural
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ import time
 
 from tqdm import tqdm
 
-from .errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from ..models.checkpoint import load_model, resolve_device
+from .chain import Stages
 from .job import Job, check_max_seq_len
 from .loop import answer_ranges
-from .model import load_model, resolve_device
 from .report import Progress, RunSummary, bottleneck, current_rss_mb, padding_efficiency
 from .shards import balanced_shard_rows, split_ranges
-from .stages import Stages
 
 
 def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop, parent_pid: int) -> None:

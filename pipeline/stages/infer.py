@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import RuntimeFailure
 from .batch import HostBatch
-from .errors import RuntimeFailure
 from .spans import ChunkSpans, SpanRules, search_spans
 
 

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("title", pa.string()), ("question", pa.string()), ("passage", pa.string()),

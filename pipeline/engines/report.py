@@ -11,10 +11,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-
-from . import storage
-from .config import RunConfig
-from .wording import plural
+from .. import storage
+from ..config import RunConfig
+from ..wording import plural
 
 
 @dataclass

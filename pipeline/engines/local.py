@@ -1,8 +1,8 @@
 """The local engine, start to end: plan the job, load the model, answer the rows, assemble.
 
     job.py     plan: options, inputs, output, the work directory of parts
-    model.py   load the checkpoint on its device
-    stages.py  chunk -> batch -> infer -> decode -> merge, set up for this model
+    models/checkpoint.py   load the checkpoint on its device
+    chain.py   chunk -> batch -> infer -> decode -> merge, set up for this model
     loop.py    the threads that run them over every window, writing parts
     job.py     assemble the parts into the output; report.py: the summary
 
@@ -21,14 +21,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import onnx_backend
-from .config import RunConfig
-from .errors import Interrupted
+from ..config import RunConfig
+from ..errors import Interrupted
+from ..models import onnx_backend
+from ..models.checkpoint import LoadedModel, devices_for, load_model
+from .chain import Stages
 from .job import Job, check_max_seq_len
 from .loop import answer_ranges
-from .model import LoadedModel, devices_for, load_model
 from .report import Progress, RunSummary, bottleneck, current_rss_mb, padding_efficiency
-from .stages import Stages
 from .workers import run_on_devices
 
 
