@@ -196,9 +196,8 @@ def run(
             raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="--engine")
     except Interrupted as e:
         code = _exit_code(received[0] if received else signal.SIGINT)
-        unit = "answer" if config.questions or config.question else "row"  # with a question list, rows are answers
-        log.say("interrupted", f"interrupted after {plural(e.rows_done, unit)}; finished parts are in {e.work_dir}: "
-                f"{resume_hint}", level="error", rows_done=e.rows_done, work_dir=e.work_dir, exit_code=code)
+        log.say("interrupted", f"interrupted after {e.done}; finished parts are in {e.work_dir}: "
+                f"{resume_hint}", level="error", rows_done=e.done.answers, work_dir=e.work_dir, exit_code=code)
         raise typer.Exit(code)
     except QaBatchError as e:
         log.say("error", f"error: {e.message}", level="error", exit_code=e.exit_code)

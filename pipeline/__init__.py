@@ -3,9 +3,10 @@
 The folders are the architecture; each may import only from the ones above it in this list
 (tests/test_structure.py holds the directions):
 
-    config.py, errors.py, storage.py, wording.py, faults.py
-                the shared ground: every option in one dataclass, exit codes, local paths
-                and s3:// alike, wording, crash points for the resume tests
+    config.py, counts.py, errors.py, storage.py, wording.py, faults.py
+                the shared ground: every option in one dataclass, input rows and answers
+                counted together, exit codes, local paths and s3:// alike, wording, crash
+                points for the resume tests
     models/     loading a checkpoint and its tokenizer, devices, the ONNX Runtime backend
     stages/     what happens to a row, no process or job in sight
     quality/    answer quality and calibration: eval, fit, summary, SQuAD conversion
@@ -31,7 +32,6 @@ The engines (engines/), which run the stages:
     local.py    the local engine: plan, load, answer, assemble
     workers.py  one engine process per device of a machine (--devices)
     ray_engine.py  Ray Data actors (--engine ray)
-    counts.py   input rows and answers, counted together
     report.py   what a run did: counts, rates, stage seconds, the bottleneck
     resume.py   finished windows as part files, and what a rerun does with them
     shards.py   row ranges shared out to workers and actors

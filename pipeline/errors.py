@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .wording import plural
+from .counts import Count
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad options, bad input, model not found
@@ -36,7 +36,7 @@ class RuntimeFailure(QaBatchError):
 class Interrupted(Exception):
     """The run stopped on request after keeping every finished window; rerun to resume."""
 
-    def __init__(self, rows_done: int, work_dir: str):
-        super().__init__(f"stopped after {plural(rows_done, 'row')}")
-        self.rows_done = rows_done
+    def __init__(self, done: Count, work_dir: str):
+        super().__init__(f"stopped after {done}")
+        self.done = done  # every answer kept, earlier runs' included
         self.work_dir = work_dir

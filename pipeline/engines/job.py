@@ -13,6 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 
@@ -116,7 +117,10 @@ class Job:
     calibration: calibrate.Calibration | None = None  # --calibration, loaded once (plan_calibration)
 
     @classmethod
-    def plan_for(cls, config: RunConfig) -> "Job":
+    def plan_for(cls, config: RunConfig,
+                 default_output_for: Callable[[tuple[str, ...], tuple[str, ...]], str] = default_output) -> "Job":
+        """Both engines' planning: options, calibration, question list, inputs, output path
+        (`default_output_for` the inputs when -o is not given), schema. No model work."""
         started = time.perf_counter()
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         check_options(config)
@@ -124,12 +128,17 @@ class Job:
         questions = plan_questions(config)
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns, questions)
-        output = config.output or default_output(config.inputs, plan.files)
+        output = config.output or default_output_for(config.inputs, plan.files)
         check_apart_from_inputs(output, config.inputs, plan.files)
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
         schema = output_schema(plan, config.top_k)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), schema, total, started, started_at,
                    Pivot.build(schema, questions) if config.wide else None, calibration)
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        """The output's shape: long, or with --wide one row per input row."""
+        return self.pivot.schema if self.pivot is not None else self.schema
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay)."""

@@ -62,22 +62,21 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     if todo is None:
         stages_.predictor.close()
         return job.already_done()
-    done_before = job.total_rows - sum(end - start for start, end in todo)  # input rows (the bar's unit)
-    answered_before = done_before * job.plan.answers_per_row  # output rows, long form (the summary's)
+    done_before = job.plan.count(job.total_rows - sum(end - start for start, end in todo))
     predictor = stages_.predictor
     progress = Progress(stages=collections.Counter(load_model=t_load))
-    bar = tqdm(total=job.total_rows, initial=done_before, unit="row", dynamic_ncols=True,
+    bar = tqdm(total=job.total_rows, initial=done_before.rows, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
         answer_ranges(stages_, job, todo, progress, bar.update, stop_requested)
     except Interrupted as e:
-        raise Interrupted(answered_before + e.rows_done, e.work_dir) from None
+        raise Interrupted(done_before + e.done, e.work_dir) from None
     finally:
         bar.close()
         predictor.close()
 
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
-                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=answered_before,
+                         started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=done_before.answers,
                          questions_per_row=job.plan.questions_per_row)
     summary.padding_efficiency = padding_efficiency(progress)
     summary.oom_splits = predictor.stats.oom_splits

@@ -6,6 +6,18 @@ releases the GIL, so this runs beside the model); the calling thread runs the mo
 span search, keeps batches in flight (two on CUDA, so the GPU never waits for a copy),
 merges each window once all its batches are back and writes it as a part. A bounded queue
 between the two keeps memory flat however large the input is.
+
+The protocol on that queue, item by item, in the order the producer puts them:
+
+    WindowStart(rows, chunks, n)   a window opens; exactly n HostBatches of it follow (n may be 0)
+    HostBatch                      a batch of the newest open window
+    _DONE                          the last item: every window has been sent whole
+    an exception                   the producer failed; the device loop raises it
+
+On a stop the producer may end after any item without _DONE: the newest window may then have
+fewer batches than it announced, and it is never complete. A window is complete when all n of
+its batches have been collected; complete windows are merged and written oldest first, so the
+parts are written in input order (`OpenWindows` keeps that bookkeeping).
 """
 
 from __future__ import annotations
@@ -96,6 +108,41 @@ def produce(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], stage_
         put(e)
 
 
+class OpenWindows:
+    """The windows on the device loop, oldest first: which one a batch belongs to, and which
+    are complete (every announced batch collected) and may be written, in input order."""
+
+    def __init__(self) -> None:
+        self.windows: collections.deque[WindowInFlight] = collections.deque()
+
+    def open(self, start: WindowStart, spans: WindowSpans) -> WindowInFlight:
+        window = WindowInFlight(start, spans, start.n_batches)
+        self.windows.append(window)
+        return window
+
+    def newest(self) -> WindowInFlight:
+        """The window a batch coming from the producer belongs to."""
+        if not self.windows or self.windows[-1].batches_left == 0:
+            raise RuntimeError("a batch arrived that no open window announced")
+        return self.windows[-1]
+
+    def collected(self, window: WindowInFlight) -> None:
+        if window.batches_left <= 0:
+            raise RuntimeError("a window got more batches than it announced")
+        window.batches_left -= 1
+
+    def pop_complete(self) -> list[WindowInFlight]:
+        """The complete windows at the front, in input order (a complete window behind an
+        incomplete one waits for it)."""
+        done = []
+        while self.windows and self.windows[0].batches_left == 0:
+            done.append(self.windows.popleft())
+        return done
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
 class DeviceLoop:
     """infer -> decode -> merge -> write, on the calling thread.
 
@@ -106,25 +153,25 @@ class DeviceLoop:
     def __init__(self, stages_: Stages, job: Job, progress: Progress, on_window: Callable[[int], None]):
         self.stages, self.job, self.progress, self.on_window = stages_, job, progress, on_window
         self.seconds = progress.stages
-        self.open_windows: collections.deque[WindowInFlight] = collections.deque()
+        self.windows = OpenWindows()
         self.pending: collections.deque[BatchInFlight] = collections.deque()
         self.max_in_flight = 2 if stages_.on_cuda else 2 * stages_.predictor.workers
 
     def open_window(self, start: WindowStart) -> None:
-        self.open_windows.append(WindowInFlight(start, WindowSpans.empty(len(start.chunks), self.stages.chunk_k),
-                                                start.n_batches))
-        self.finish_complete_windows(all_submitted=False)
+        self.windows.open(start, WindowSpans.empty(len(start.chunks), self.stages.chunk_k))
+        self.write_complete_windows()  # a window of no batches is complete at once
 
     def submit(self, batch: HostBatch) -> None:
+        window = self.windows.newest()
         t0 = time.perf_counter()
         handle = self.stages.predictor.submit(batch)
         self.seconds["infer_launch"] += time.perf_counter() - t0
         self.progress.real_tokens += batch.real_tokens
         self.progress.padded_tokens += batch.padded_tokens
-        self.pending.append(BatchInFlight(self.open_windows[-1], batch, handle))
+        self.pending.append(BatchInFlight(window, batch, handle))
         while len(self.pending) > self.max_in_flight:
             self.collect_oldest()
-        self.finish_complete_windows(all_submitted=False)
+        self.write_complete_windows()
 
     def collect_oldest(self) -> None:
         done = self.pending.popleft()
@@ -132,21 +179,18 @@ class DeviceLoop:
         host = self.stages.predictor.collect(done.handle)
         self.seconds["infer_wait"] += time.perf_counter() - t0
         done.window.spans.store(done.batch, host, done.window.start.chunks)
-        done.window.batches_left -= 1
+        self.windows.collected(done.window)
         faults.point("batch")
 
-    def drain(self, all_submitted: bool) -> None:
+    def drain(self) -> None:
         """Collect every batch in flight and write every window that is complete."""
         while self.pending:
             self.collect_oldest()
-        self.finish_complete_windows(all_submitted)
+        self.write_complete_windows()
 
-    def finish_complete_windows(self, all_submitted: bool) -> None:
-        # the newest window may still get batches unless everything has been submitted
+    def write_complete_windows(self) -> None:
         config, plan = self.job.config, self.job.plan
-        while (self.open_windows and self.open_windows[0].batches_left == 0
-               and (len(self.open_windows) > 1 or all_submitted)):
-            w = self.open_windows.popleft()
+        for w in self.windows.pop_complete():
             rows = w.start.rows
             t0 = time.perf_counter()
             answers = self.stages.merge(rows, w.start.chunks, w.spans)
@@ -190,8 +234,8 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
         while True:
             if stop_requested is not None and stop_requested.is_set():
                 stop.set()  # no new work; finish the batches in flight and keep whole windows
-                loop.drain(all_submitted=False)
-                raise Interrupted(progress.rows, job.parts.path)
+                loop.drain()
+                raise Interrupted(job.plan.count_answers(progress.rows), job.parts.path)
             t0 = time.perf_counter()
             try:
                 item = work.get(timeout=0.2)
@@ -202,7 +246,9 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
             if isinstance(item, BaseException):
                 raise item
             if item is _DONE:
-                loop.drain(all_submitted=True)
+                loop.drain()
+                if len(loop.windows):
+                    raise RuntimeError("the producer ended with a window short of the batches it announced")
                 break
             if isinstance(item, WindowStart):
                 loop.open_window(item)

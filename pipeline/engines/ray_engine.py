@@ -39,24 +39,25 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 from tqdm import tqdm
 
 from .. import __version__, faults, storage
 from ..config import RunConfig
+from ..counts import Count
 from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from ..models.checkpoint import load_model, model_identity
 from ..quality import calibrate
-from ..stages.questions import plan_questions
-from ..stages.read import InputPlan, open_parquet, plan_inputs, read_windows
+from ..stages.read import InputPlan, open_parquet, read_windows
 from ..stages.wide import Pivot
 from ..stages.write import METADATA_KEY, count_answers, output_schema
 from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from .job import answer_identity, check_apart_from_inputs, check_options, default_output, questions_metadata
+from .job import Job, answer_identity, default_output, questions_metadata
 from .report import RunSummary, write_report
-from .resume import MANIFEST, WorkDir, input_fingerprint, work_dir_for
+from .resume import MANIFEST, input_fingerprint
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
@@ -214,14 +215,59 @@ def default_output_dir(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
     return out.replace(".answers.parquet", ".answers", 1)
 
 
+class Staged(Enum):
+    """Where earlier runs of this job left its staging directory (read by `open_staging`)."""
+
+    TO_ANSWER = "to answer"  # rows may be missing: answer them, check, write _SUCCESS, publish
+    COMMITTED = "committed"  # files/_SUCCESS is this job's: killed while publishing
+    PUBLISHED = "published"  # the output is this job's: killed while cleaning up
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """A Ray run as planned before any work: the local engine's Job and the staging layout."""
+
+    job: Job
+    num_gpus: int | None  # asked for; None: auto
+    model: dict  # the identity every actor must load
+    files: str  # <output>.partial/files/: what becomes the output
+
+    @property
+    def config(self) -> RunConfig:
+        return self.job.config
+
+
 def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             on_plan: Callable[[RayPlan], None] | None = None) -> RunSummary:
     """Answer every row on a Ray cluster (or a local Ray instance) into an output directory.
 
-    A rerun of an interrupted run answers only the rows no shard file holds; setting
-    `stop_requested` cancels the Ray job, keeps the finished shards and raises Interrupted.
-    `on_plan` is told the actor pool and the shards before any work.
+    plan (no Ray yet) -> start Ray -> run the shards left -> check every row is there and
+    write _SUCCESS -> commit (publish). A rerun of an interrupted run answers only the rows
+    no shard file holds; setting `stop_requested` cancels the Ray job, keeps the finished
+    shards and raises Interrupted. `on_plan` is told the actor pool and the shards first.
     """
+    ray = _import_ray()
+    rj = plan(config)
+    try:
+        with RayConnection(ray, config.ray_address) as cluster:
+            actors = plan_actors(cluster.nodes(), rj.num_gpus, config.cpu_workers, config.num_cpus_per_worker)
+            _check_gpus(rj, actors)
+            staged = open_staging(rj, actors)
+            if staged is Staged.PUBLISHED:  # killed after publishing, before the clean-up
+                storage.delete(rj.job.parts.path)
+                return write_report(_summary_from(commit.read_success(rj.job.output), rj.job.output), config)
+            if staged is Staged.TO_ANSWER:
+                metadata, this_run, before = answer(rj, cluster, actors, stop_requested, on_plan)
+                cluster.release()  # the actors' resources go back to the cluster before the commit
+                check(rj, actors, metadata, this_run, before)
+        return publish(rj)
+    except OSError as e:  # the driver's own reads and writes of the staging directory
+        raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or rj.job.parts.path}). The "
+                             f"finished shards are kept in {rj.files}: fix the cause and rerun the same command "
+                             "to resume") from None
+
+
+def _import_ray():
     # Ray's calls from a thread that outlives ray.shutdown() (Ray Data's, when the job is
     # cancelled) must not start a new local instance: no automatic ray.init.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
@@ -229,104 +275,143 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
         import ray
     except ImportError:
         raise UsageError("--engine ray needs Ray Data: pip install 'qa-batch[ray]'") from None
-    started = time.perf_counter()
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    check_options(config)
-    calibration = calibrate.plan_calibration(config)  # the actors get this copy: the file may be on this node only
+    return ray
+
+
+def plan(config: RunConfig) -> RayJob:
+    """Everything checked before Ray starts: options, inputs, output (the local engine's Job)."""
     num_gpus = _check_ray_options(config)
     if os.path.isdir(config.model):  # actors start in other folders, on other nodes
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
-    plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col, config.keep_columns,
-                       plan_questions(config))
-    schema = output_schema(plan, config.top_k)
-    if config.wide:  # the files' shape
-        schema = Pivot.build(schema, plan.questions).schema
-    output = config.output or default_output_dir(config.inputs, plan.files)
-    check_apart_from_inputs(output, config.inputs, plan.files)
-    staging = work_dir_for(output)
-    files = storage.join(staging, FILES)
-    if not storage.is_uri(output):  # object stores have no folders to check
-        parent = storage.parent(output)
+    job = Job.plan_for(config, default_output_dir)  # actors get its calibration: the file may be on this node only
+    files = storage.join(job.parts.path, FILES)
+    if not storage.is_uri(job.output):  # object stores have no folders to check
+        parent = storage.parent(job.output)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise UsageError(f"output directory {parent} does not exist or is not writable")
-    _refuse_existing_output(output, staging, files, config)
-    model = model_identity(config.model)
-    total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
+    _refuse_existing_output(job.output, job.parts.path, files, config)
+    return RayJob(job, num_gpus, model_identity(config.model), files)
 
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        _init(ray, config.ray_address)
+
+def _check_gpus(rj: RayJob, actors: ActorPlan) -> None:
+    if actors.gpu and not actors.cluster_gpus and rj.config.ray_address is None:
+        raise UsageError(f"--num-gpus {rj.num_gpus}: this machine has no GPU Ray can use; use --num-gpus 0 "
+                         "(CPU actors), or --ray-address to join a cluster with GPUs")
+
+
+def open_staging(rj: RayJob, actors: ActorPlan) -> Staged:
+    """Create or check the staging directory (resume.py compares the manifests)."""
+    job = rj.job
+    job.parts.open(_manifest(rj.config, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
+                   rj.config.restart, job.output)
+    if (commit.read_success(job.output) or {}).get("job_id") == job.parts.job_id:
+        return Staged.PUBLISHED
+    if (commit.read_success(rj.files) or {}).get("job_id") == job.parts.job_id:
+        return Staged.COMMITTED
+    return Staged.TO_ANSWER
+
+
+def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_requested: threading.Event | None,
+           on_plan: Callable[[RayPlan], None] | None) -> tuple[dict, dict, Count]:
+    """Answer the rows no shard file holds; return the files' metadata, this run's counts and
+    what earlier runs had answered. Finished shards are files by now."""
+    job, config = rj.job, rj.config
+    metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
+                "started_at": job.started_at, "job_id": job.parts.job_id,
+                **calibrate.calibration_metadata(config, job.calibration), **questions_metadata(job.plan)}
+    todo = _shards_left(rj.files, job.total_rows)
+    before = job.plan.count(job.total_rows - _rows(todo))
+    shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
+    shards = split_ranges(todo, config.rows_per_window, shard_rows)
+    max_actors = actors.actors if actors.fixed else max(actors.actors, len(shards))
+    if on_plan is not None:
+        on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, fixed=actors.fixed, gpus_each=int(actors.gpu),
+                        cpus_each=actors.cpus, threads_each=actors.threads, cluster_cpus=actors.cluster_cpus,
+                        cluster_gpus=actors.cluster_gpus, shards=len(shards),
+                        rows_per_shard=max((b - a for a, b in shards), default=0), rows_to_answer=_rows(todo),
+                        rows_done_before=before.rows))
+    if not shards:
+        return metadata, dict.fromkeys(_COUNTS, 0), before
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        actors = plan_actors(nodes, num_gpus, config.cpu_workers, config.num_cpus_per_worker)
-        if actors.gpu and not actors.cluster_gpus and config.ray_address is None:
-            raise UsageError(f"--num-gpus {num_gpus}: this machine has no GPU Ray can use; use --num-gpus 0 "
-                             "(CPU actors), or --ray-address to join a cluster with GPUs")
-        work = WorkDir(staging)
-        work.open(_manifest(config, plan, model, actors.gpu, schema, calibration), config.restart, output)
-        finished = commit.read_success(output)
-        if finished is not None and finished.get("job_id") == work.job_id:
-            storage.delete(staging)  # killed after publishing, before the clean-up: nothing left to do
-            return write_report(_summary_from(finished, output), config)
-        staged = commit.read_success(files)
-        if staged is None or staged.get("job_id") != work.job_id:  # else: killed while publishing
-            metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
-                        "started_at": started_at, "job_id": work.job_id, **calibrate.calibration_metadata(config, calibration),
-                        **questions_metadata(plan)}
-            todo = _shards_left(files, total)
-            done_before = total - _rows(todo)
-            shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
-            shards = split_ranges(todo, config.rows_per_window, shard_rows)
-            max_actors = actors.actors if actors.fixed else max(actors.actors, len(shards))
-            if on_plan is not None:
-                on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, fixed=actors.fixed,
-                                gpus_each=int(actors.gpu),
-                                cpus_each=actors.cpus, threads_each=actors.threads,
-                                cluster_cpus=actors.cluster_cpus, cluster_gpus=actors.cluster_gpus,
-                                shards=len(shards), rows_per_shard=max((b - a for a, b in shards), default=0),
-                                rows_to_answer=_rows(todo), rows_done_before=done_before))
-            this_run = dict.fromkeys(_COUNTS, 0)
-            if shards:
-                try:
-                    this_run = _answer_shards(ray, shards, actors, max_actors, config, plan, metadata, files,
-                                              model, total, done_before, staging, stop_requested, owns_ray,
-                                              calibration)
-                except Interrupted:  # the rows kept are those in shard files, some not yet reported
-                    raise Interrupted(_rows(tile(list(_shard_files(files)), total)[0]) * plan.answers_per_row,
-                                      staging) from None
-            if owns_ray:
-                ray.shutdown()  # the actors' resources go back to the cluster before the commit
-            if total == 0:  # no rows: one empty file, so that readers still get the schema
-                write_shard(files, 0, 0, schema.empty_table(),
-                            {**metadata, "model": model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
-            counts = _check_rows(files, total, staging, plan.answers_per_row,
-                                 1 if config.wide else plan.answers_per_row)
-            elapsed = time.perf_counter() - started
-            summary = RunSummary(output=output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
-                                 dtype=_dtype_name(config, actors.gpu), started_at=started_at,
-                                 resumed_from_row=done_before * plan.answers_per_row, elapsed_s=round(elapsed, 3),
-                                 questions_per_row=plan.questions_per_row,
-                                 rows_per_s=round(this_run["rows"] / elapsed, 2) if elapsed else 0.0,
-                                 chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
-                                 finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-            summary.set_counts(counts, this_run)
-            commit.write_success(files, {**summary.as_dict(), "job_id": work.job_id,
-                                         "qa_batch_version": __version__})
-            staged = commit.read_success(files)
+        this_run = _answer_shards(cluster, shards, actors, max_actors, rj, metadata, before, stop_requested)
+    except Interrupted:  # the rows kept are those in shard files, some not yet reported
+        kept = _rows(tile(list(_shard_files(rj.files)), job.total_rows)[0])
+        raise Interrupted(job.plan.count(kept), job.parts.path) from None
+    return metadata, this_run, before
+
+
+def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before: Count) -> None:
+    """Every row in exactly one shard file, as its name says; then the run's summary in _SUCCESS."""
+    job, config = rj.job, rj.config
+    if job.total_rows == 0:  # no rows: one empty file, so that readers still get the schema
+        write_shard(rj.files, 0, 0, job.file_schema.empty_table(),
+                    {**metadata, "model": rj.model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
+    counts = _check_rows(rj.files, job.total_rows, job.plan.count(1), wide=config.wide)
+    elapsed = time.perf_counter() - job.started
+    summary = RunSummary(output=job.output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
+                         dtype=_dtype_name(config, actors.gpu), started_at=job.started_at,
+                         resumed_from_row=before.answers, elapsed_s=round(elapsed, 3),
+                         questions_per_row=job.plan.questions_per_row,
+                         rows_per_s=round(this_run["rows"] / elapsed, 2) if elapsed else 0.0,
+                         chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
+                         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    summary.set_counts(counts, this_run)
+    commit.write_success(rj.files, {**summary.as_dict(), "job_id": job.parts.job_id, "qa_batch_version": __version__})
+
+
+def publish(rj: RayJob) -> RunSummary:
+    """The committed files become the output (commit.py); the staging directory goes."""
+    job = rj.job
+    staged = commit.read_success(rj.files)
+    try:
+        commit.publish(rj.files, job.output)
+    except OSError as e:
+        raise RuntimeFailure(f"could not publish {job.output}: {e.strerror or e}. The finished shards are kept in "
+                             f"{rj.files}: fix the cause and rerun the same command to finish") from None
+    faults.point("published")
+    storage.delete(job.parts.path)
+    return write_report(_summary_from(staged, job.output), rj.config)
+
+
+class RayConnection:
+    """The driver's connection to Ray: started or joined on enter, ended once, on exit or earlier
+    by `release`; only when this process made it (a caller's own ray.init is left alone). Ended
+    by a failure or a stop, it ends quietly: the cluster then ends the job's actors."""
+
+    def __init__(self, ray, address: str | None):
+        self.ray, self.address = ray, address
+        self.owned = not ray.is_initialized()
+        self.waiting: list[threading.Thread] = []  # Ray Data's result threads, joined when ended early
+
+    def __enter__(self) -> "RayConnection":
+        if self.owned:
+            _init(self.ray, self.address)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(quietly=exc_type is not None)
+
+    def nodes(self) -> list[dict]:
+        return [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+
+    def release(self, quietly: bool = False) -> None:
+        if not (self.owned and self.ray.is_initialized()):
+            return
+        if not quietly:
+            self.ray.shutdown()
+            return
+        # Ray Data's threads still wait on the connection (a cancelled job): they fail, and what
+        # they would log about it is not news
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False  # in case ray was imported before RAY_ENABLE_AUTO_CONNECT=0
+        logging.disable(logging.CRITICAL)
         try:
-            commit.publish(files, output)
-        except OSError as e:
-            raise RuntimeFailure(f"could not publish {output}: {e.strerror or e}. The finished shards are kept in "
-                                 f"{files}: fix the cause and rerun the same command to finish") from None
-        faults.point("published")
-        storage.delete(staging)
-        return write_report(_summary_from(staged, output), config)
-    except OSError as e:  # the driver's own reads and writes of the staging directory
-        raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or staging}). The finished shards "
-                             f"are kept in {files}: fix the cause and rerun the same command to resume") from None
-    finally:
-        if owns_ray and ray.is_initialized():
-            ray.shutdown()  # also cancels the job's actors when stopped or failed
+            self.ray.shutdown()
+            for thread in self.waiting:
+                thread.join(timeout=10)
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _init(ray, address: str | None) -> None:
@@ -342,20 +427,6 @@ def _init(ray, address: str | None) -> None:
     for s, handler in handlers.items():
         if handler is not None:
             signal.signal(s, handler)
-
-
-def _shut_down_quietly(ray, consumer: threading.Thread) -> None:
-    """End the Ray connection while Ray Data's threads still wait on it (a cancelled job): they
-    fail, and what they would log about it is not news."""
-    from ray._private import auto_init_hook
-
-    auto_init_hook.enable_auto_connect = False  # in case ray was imported before RAY_ENABLE_AUTO_CONNECT=0
-    logging.disable(logging.CRITICAL)
-    try:
-        ray.shutdown()
-        consumer.join(timeout=10)
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def _check_ray_options(config: RunConfig) -> int | None:
@@ -445,11 +516,11 @@ def _shards_left(files: str, total: int) -> list[Range]:
     return missing
 
 
-def _check_rows(files: str, total: int, staging: str, answers_per_row: int = 1, file_rows_per_row: int = 1) -> dict:
+def _check_rows(files: str, total: int, per_row: Count, wide: bool = False) -> dict:
     """Before the commit: every row in exactly one shard file, each file's row count as its name
     says (from the footers). Returns the counts over all files; RuntimeFailure (exit 3) if not.
     With a question list a shard of n input rows holds n x questions answers, in as many rows
-    (or in n rows with --wide)."""
+    (or in n rows with --wide); `per_row` is what one input row gives."""
     found = _shard_files(files)
     if found and faults.lose("ray_commit", found[min(found)]):  # tests: a shard file that went missing
         found = _shard_files(files)
@@ -471,10 +542,10 @@ def _check_rows(files: str, total: int, staging: str, answers_per_row: int = 1, 
     counts = dict.fromkeys(_COUNTS, 0)
     with concurrent.futures.ThreadPoolExecutor(16 if storage.is_uri(files) else 1) as pool:
         for (a, b), n, shard in pool.map(footer, kept):
-            if n != (b - a) * file_rows_per_row or shard.get("rows") != (b - a) * answers_per_row:
-                raise RuntimeFailure(f"{found[(a, b)]} holds {n} rows where its name says "
-                                     f"{(b - a) * file_rows_per_row}: delete it and rerun the same command to "
-                                     "answer its rows again")
+            expected = (b - a) * (1 if wide else per_row.answers)
+            if n != expected or shard.get("rows") != (b - a) * per_row.answers:
+                raise RuntimeFailure(f"{found[(a, b)]} holds {n} rows where its name says {expected}: delete it "
+                                     "and rerun the same command to answer its rows again")
             for k in _COUNTS:
                 counts[k] += shard.get(k, 0)
     return counts
@@ -497,14 +568,13 @@ def _pool(ray, actors: ActorPlan, max_actors: int):
 _END = object()
 
 
-def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int, config: RunConfig,
-                   plan: InputPlan, metadata: dict, files: str, model: dict, total: int, done_before: int,
-                   staging: str, stop_requested: threading.Event | None, owns_ray: bool,
-                   calibration: calibrate.Calibration | None) -> dict:
+def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPlan, max_actors: int, rj: RayJob,
+                   metadata: dict, before: Count, stop_requested: threading.Event | None) -> dict:
     """Run the shards on the actor pool; return this run's counts. Finished shards are files by now.
 
-    Stopped or failed, the job is cancelled by ending the Ray connection (when this process
-    made it): the cluster then ends the job's actors; the shards they finished are kept."""
+    Stopped or failed, the job is cancelled by ending the Ray connection (RayConnection's exit,
+    when this process made it): the cluster then ends the job's actors; their finished shards are kept."""
+    ray, config, plan, files = cluster.ray, rj.config, rj.job.plan, rj.files
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -517,7 +587,7 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
         RayAnswerer, batch_size=1, compute=_pool(ray, actors, max_actors), num_cpus=actors.cpus,
         num_gpus=1 if actors.gpu else 0,
         fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata, "threads": actors.threads,
-                               "files": files, "model": model, "calibration": calibration})  # Ray Data restarts lost actors, redoes their shards
+                               "files": files, "model": rj.model, "calibration": rj.job.calibration})  # Ray Data restarts lost actors, redoes their shards
     results: queue.Queue = queue.Queue()
 
     def consume() -> None:  # its own thread, so that the driver can stop waiting at any time
@@ -530,13 +600,14 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
 
     consumer = threading.Thread(target=consume, name="qa-batch-ray-results", daemon=True)
     consumer.start()
+    cluster.waiting.append(consumer)
     this_run = collections.Counter({k: 0 for k in _COUNTS})
-    bar = tqdm(total=total, initial=done_before, unit="row", dynamic_ncols=True,
+    bar = tqdm(total=rj.job.total_rows, initial=before.rows, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
         while True:
             if stop_requested is not None and stop_requested.is_set():
-                raise Interrupted(done_before * plan.answers_per_row + this_run["rows"], staging)
+                raise Interrupted(before + plan.count_answers(this_run["rows"]), rj.job.parts.path)
             try:
                 item = results.get(timeout=0.2)
             except queue.Empty:
@@ -546,12 +617,8 @@ def _answer_shards(ray, shards: list[Range], actors: ActorPlan, max_actors: int,
             if isinstance(item, BaseException):
                 raise _job_failure(item, files)
             this_run.update({k: int(item[k]) for k in _COUNTS})
-            bar.update(int(item["rows"]) // plan.answers_per_row)  # the bar counts input rows
+            bar.update(plan.count_answers(int(item["rows"])).rows)  # the bar counts input rows
             faults.point("ray_shard_done")
-    except BaseException:
-        if owns_ray:
-            _shut_down_quietly(ray, consumer)
-        raise
     finally:
         bar.close()
 

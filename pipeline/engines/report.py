@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .. import storage
 from ..config import RunConfig
+from ..counts import Count
 from ..wording import plural
 
 
@@ -50,7 +51,7 @@ class RunSummary:
     @property
     def unit(self) -> str:
         """What an output row is: an answer with a question list, else a row of the input."""
-        return "answer" if self.questions_per_row else "row"
+        return Count(0, self.questions_per_row).unit
 
     @property
     def earlier_verb(self) -> str:
@@ -62,7 +63,7 @@ class RunSummary:
         q, unit = self.questions_per_row, self.unit
 
         def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
-            asked = f" to {plural(q, 'question')} of {plural(rows // q, 'row')}" if q else ""
+            asked = f" to {plural(q, 'question')} of {plural(Count.of_answers(rows, q).rows, 'row')}" if q else ""
             return (f"{plural(rows, unit)}{asked} ({answered} answered, {null} null, {plural(errors, 'error')}), "
                     f"{plural(chunks, 'chunk')}")
 

@@ -104,7 +104,7 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     try:
         ready = workers.wait_ready()
         if not ready:  # stopped (a signal) before any worker was ready
-            raise Interrupted(0, job.parts.path)
+            raise Interrupted(job.plan.count(0), job.parts.path)
         first = next(iter(ready.values()))
         for d, r in ready.items():
             for key in ("model", "dtype", "batch_size", "max_batch_tokens"):
@@ -116,12 +116,12 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
                               first["max_batch_tokens"])
         if todo is None:  # this job's output is in place: only the clean-up was left
             return job.already_done()
-        done_before = job.total_rows - sum(end - start for start, end in todo)  # input rows (the bar's unit)
+        done_before = job.plan.count(job.total_rows - sum(end - start for start, end in todo))
         for shard in split_ranges(todo, config.rows_per_window, balanced_shard_rows(todo, len(procs))):
             tasks.put(shard)
         for _ in procs:
             tasks.put(None)
-        bar = tqdm(total=job.total_rows, initial=done_before, unit="row", dynamic_ncols=True,
+        bar = tqdm(total=job.total_rows, initial=done_before.rows, unit="row", dynamic_ncols=True,
                    disable=config.quiet or not sys.stderr.isatty())
         finals = workers.wait_done(bar.update)
     finally:
@@ -133,10 +133,10 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     for f in finals.values():
         progress.add(f["progress"])
     if workers.interrupted:
-        raise Interrupted(done_before * job.plan.answers_per_row + progress.rows, job.parts.path)
+        raise Interrupted(done_before + job.plan.count_answers(progress.rows), job.parts.path)
     metadata = job.metadata(first["model"], ",".join(devices), first["dtype"])
     summary = RunSummary(output=job.output, device=metadata["device"], dtype=first["dtype"],
-                         started_at=job.started_at, resumed_from_row=done_before * job.plan.answers_per_row,
+                         started_at=job.started_at, resumed_from_row=done_before.answers,
                          model_rss_mb=max(r["model_rss_mb"] for r in ready.values()),
                          questions_per_row=job.plan.questions_per_row)
     summary.padding_efficiency = padding_efficiency(progress)

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..counts import Count
 from ..errors import UsageError
 from ..wording import plural
 from .questions import QuestionList
@@ -43,14 +44,16 @@ class InputPlan:
     questions: QuestionList | None = None  # asked of every row (question_col unused); None: rows are pairs
 
     @property
-    def answers_per_row(self) -> int:
-        """Output rows (long form) per input row: one per question of the list, else one."""
-        return len(self.questions) if self.questions is not None else 1
-
-    @property
     def questions_per_row(self) -> int:
         """Questions of the list asked of every row; 0 when the rows are pairs."""
         return len(self.questions) if self.questions is not None else 0
+
+    def count(self, rows: int) -> Count:
+        """`rows` input rows, and the answers they give."""
+        return Count(rows, self.questions_per_row)
+
+    def count_answers(self, answers: int) -> Count:
+        return Count.of_answers(answers, self.questions_per_row)
 
 
 @dataclass
