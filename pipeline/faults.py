@@ -4,7 +4,8 @@ With QA_BATCH_CRASH_AT=NAME:N in the environment the process kills itself with S
 N-th time it passes `point(NAME)`: a real, unannounced death at a chosen moment (reading,
 mid-batch, while writing a part, during the final rename). Unset, `point` does nothing.
 
-Two more, for the Ray engine's tests: QA_BATCH_TRACE=FILE makes `record` append a line per
+QA_BATCH_OOM_ABOVE=N makes every forward of more than N chunks raise CUDA's out-of-memory
+error, so the split-and-retry path runs on the CPU too. Two more, for the Ray engine's tests: QA_BATCH_TRACE=FILE makes `record` append a line per
 event (which shard an actor started, which it wrote), so a test can count the work done
 across processes; QA_BATCH_LOSE_AT=NAME makes `lose(NAME, path)` delete a file, as a write
 that went missing would.
@@ -20,6 +21,7 @@ _target = os.environ.get("QA_BATCH_CRASH_AT")
 _once = os.environ.get("QA_BATCH_CRASH_ONCE")  # NAME:MARKER_FILE, for workers that get restarted
 _trace = os.environ.get("QA_BATCH_TRACE")
 _lose = os.environ.get("QA_BATCH_LOSE_AT")
+_oom_above = os.environ.get("QA_BATCH_OOM_ABOVE")
 _seen: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -63,3 +65,9 @@ def lose(name: str, path: str) -> bool:
         os.remove(path)
         return True
     return False
+
+
+def out_of_memory(rows: int) -> bool:
+    """True when QA_BATCH_OOM_ABOVE=N and a forward of more than N chunks is to run out of memory:
+    the engines' out-of-memory path, on any device and in any process (Ray actors included)."""
+    return _oom_above is not None and rows > int(_oom_above)

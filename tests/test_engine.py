@@ -7,6 +7,7 @@ token "alpha", high end logit on "omega", and `cls_logit` at the CLS token.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,9 +33,11 @@ class PlantedModel(torch.nn.Module):
         self.cls_logit = cls_logit
         self.oom_above = oom_above  # raise OutOfMemoryError for larger batches (simulated OOM)
         self.batch_sizes: list[int] = []
+        self.failed: list[int] = []  # sizes that ran out of memory
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if self.oom_above is not None and input_ids.shape[0] > self.oom_above:
+            self.failed.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("simulated CUDA out of memory")
         self.batch_sizes.append(input_ids.shape[0])
         base = torch.zeros(input_ids.shape)
@@ -159,6 +162,9 @@ def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, bert_tokenize
     assert sum(loaded.model.batch_sizes) == summary.chunks  # every chunk exactly once
     for text, row in zip(texts, rows):
         assert text[row["answer_start"]:row["answer_end"]] == "alpha beta gamma omega"
+    # the size that failed is remembered: later batches as large are split before they are tried,
+    # so the model runs out of memory once per halving, not once per batch (issue 27 item 9)
+    assert len(loaded.model.failed) == summary.oom_splits <= 4  # 16 -> 8 -> 4 -> 2, and one narrower batch
 
 
 def test_rows_stay_in_input_order_across_windows(tmp_path, bert_tokenizer):
@@ -248,3 +254,39 @@ def test_out_of_memory_retry_runs_after_the_failed_forward_is_freed(tmp_path, be
     assert summary.oom_splits > 0 and len(model.alive_at_retry) > summary.oom_splits
     assert not any(model.alive_at_retry)
     assert all(r["answer"] == "alpha beta gamma omega" for r in rows)
+
+
+class PoisonedModel(PlantedModel):
+    """A non-finite logit (float16 overflow, a broken model) on every `poison_id` token."""
+
+    def __init__(self, *args, poison_id: int, value: float, **kw):
+        super().__init__(*args, **kw)
+        self.poison_id, self.value = poison_id, value
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        out = super().forward(input_ids, attention_mask, token_type_ids)
+        out.start_logits = out.start_logits.masked_fill(input_ids == self.poison_id, self.value)
+        return out
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_logit_gives_the_row_an_error_never_an_answer(tmp_path, bert_tokenizer, value):
+    """Issue 27: +inf sorted first and ended the row with 'no valid answer span'; NaN made log_norm
+    NaN and the confidence 1.0. Now the row says why it has no answer; other rows are untouched."""
+    poison = bert_tokenizer.convert_tokens_to_ids("pirates")
+    assert poison != bert_tokenizer.unk_token_id
+    clean = "alpha beta gamma omega the normans were descended from norse raiders"
+    words = [w for w in FILLER.split() if w != "pirates"] * 20
+    poisoned = " ".join(words[:5] + ["pirates"] + words[5:150] + ["alpha beta gamma omega"] + words[150:200])
+    base = planted(bert_tokenizer)
+    loaded = planted(bert_tokenizer)
+    loaded.model = PoisonedModel(base.model.start_id, base.model.end_id, base.model.cls_id, poison_id=poison,
+                                 value=value)
+    rows, summary, _ = answer(tmp_path, bert_tokenizer, [clean, poisoned, clean], ["q?"] * 3, loaded=loaded,
+                              allow_null=True, max_seq_len=64, doc_stride=24)
+    assert [r["answer"] for r in rows] == ["alpha beta gamma omega", None, "alpha beta gamma omega"]
+    assert rows[1]["error"].startswith("the model's logits were not finite (inf or NaN) in 1 of this row's chunks")
+    assert "--dtype float32" in rows[1]["error"]
+    assert rows[1]["confidence"] is None and rows[1]["score"] is None
+    assert all(r["confidence"] is None or math.isfinite(r["confidence"]) for r in rows)
+    assert summary.errors == 1

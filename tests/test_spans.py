@@ -122,3 +122,19 @@ def test_log_norm_is_the_logsumexp_to_one_ulp_in_any_order(seed):
         one_ulp = float(np.spacing(np.float32(exact)))
         assert abs(got[b].item() - exact) <= one_ulp
         assert abs(shuffled[b].item() - got[b].item()) <= one_ulp
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_chunk_is_finite_only_if_every_logit_it_reads_is(value):
+    """`finite` looks at the logits a span or the null score can read: passage tokens and CLS,
+    not padding or question tokens (whose values no answer depends on)."""
+    B, L = 4, 12
+    start, end = torch.randn(B, L), torch.randn(B, L)
+    rules = passage_rules(torch.tensor([3, 3, 3, 3]), torch.tensor([6, 6, 6, 6]), L)
+    start[0, 5] = value  # a passage token: read
+    end[1, 0] = value  # CLS: the null score reads it
+    start[2, 1] = value  # a question token: never read
+    end[3, 11] = value  # padding: never read
+    got = search_spans(start, end, rules, max_answer_len=4, k=2)
+    assert got.finite.tolist() == [False, False, True, True]
+    assert torch.isfinite(got.score[2:]).all() and torch.isfinite(got.log_norm[2:]).all()

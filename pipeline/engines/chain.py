@@ -45,6 +45,7 @@ class Stages:
     max_batch_tokens: int
     chunk_k: int  # spans kept per chunk: top_k, at least 2 for the runner-up (each span has one owner chunk)
     calibration: calibrate.Calibration | None = None  # --calibration: null bias and calibrated confidence
+    pad_multiple: int = 1  # batches padded to a multiple of this (8 on CUDA: tensor-core shapes)
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int,
@@ -61,11 +62,13 @@ class Stages:
             chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
                             config.max_question_len if config.truncate_question else None),
             predictor=Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k,
-                                workers=1 if on_cuda else cpu_workers),
+                                workers=1 if on_cuda else cpu_workers, mask_4d=loaded.mask_4d,
+                                mask_always=loaded.mask_always),
             batch_size=batch_size,
             max_batch_tokens=config.max_batch_tokens or batch_size * config.max_seq_len,
             chunk_k=chunk_k,
             calibration=calibration,
+            pad_multiple=8 if on_cuda else 1,
         )
 
     @property
@@ -82,7 +85,7 @@ class Stages:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         pad_left = getattr(tok, "padding_side", "right") == "left"
         return collate(chunks, index, self.loaded.input_names, pad_id, pad_left,
-                       pad_multiple=8 if self.on_cuda else 1, pin=self.on_cuda)
+                       pad_multiple=self.pad_multiple, pin=self.on_cuda, max_width=self.loaded.max_positions)
 
     def batches(self, chunks: ChunkSet):
         """Padded host batches of a window's chunks, longest first (each padded when taken)."""

@@ -168,13 +168,14 @@ class RayAnswerer:
                          "dtype": loaded.dtype_name}
         self.schema = output_schema(plan, config.top_k)
         self.pivot = Pivot.build(self.schema, plan.questions) if config.wide else None  # shards are counted long
+        self.oom_splits = 0  # the predictor's count when the last shard was reported
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
 
         if self.mismatch:
             raise RuntimeFailure(self.mismatch)
-        out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS)}
+        out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS, "oom_splits")}
         for start, end in zip(batch["start"], batch["end"]):
             start, end = int(start), int(end)
             faults.record("shard_started", f"{start}-{end}")
@@ -187,6 +188,9 @@ class RayAnswerer:
             write_shard(self.files, start, end, self.pivot(table) if self.pivot else table,
                         {**self.metadata, "shard": {"start": start, "end": end, **counts}})
             faults.record("shard_written", f"{start}-{end}")
+            splits = self.stages.predictor.stats.oom_splits
+            out["oom_splits"].append(splits - self.oom_splits)  # this shard's
+            self.oom_splits = splits
             out["start"].append(start)
             out["end"].append(end)
             for k in _COUNTS:
@@ -356,6 +360,7 @@ def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before:
                          chunks_per_s=round(this_run["chunks"] / elapsed, 2) if elapsed else 0.0,
                          finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     summary.set_counts(counts, this_run)
+    summary.oom_splits = this_run.get("oom_splits", 0)
     commit.write_success(rj.files, {**summary.as_dict(), "job_id": job.parts.job_id, "qa_batch_version": __version__})
 
 
@@ -616,7 +621,7 @@ def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPla
                 return dict(this_run)
             if isinstance(item, BaseException):
                 raise _job_failure(item, files)
-            this_run.update({k: int(item[k]) for k in _COUNTS})
+            this_run.update({k: int(item[k]) for k in (*_COUNTS, "oom_splits")})
             bar.update(plan.count_answers(int(item["rows"])).rows)  # the bar counts input rows
             faults.point("ray_shard_done")
     finally:

@@ -26,7 +26,7 @@ import time
 from tqdm import tqdm
 
 from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
-from ..models.checkpoint import load_model, resolve_device
+from ..models.checkpoint import load_model, resolve_devices
 from .chain import Stages
 from .job import Job, check_max_seq_len
 from .loop import answer_ranges
@@ -84,9 +84,10 @@ def _threads_per_worker(devices: tuple[str, ...], cpu_workers: int | None) -> in
 def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> RunSummary:
     """Answer the job with one worker process per device; the parent assembles the output."""
     config = job.config
-    # fails here, before any process starts, on a device that is not there
-    if len({resolve_device(d).type for d in devices}) > 1:
-        raise UsageError(f"--devices {','.join(devices)}: mix of CPU and GPU; answers would differ between them")
+    # fails here, before any process starts, on a device that is not there; 'cuda' becomes 'cuda:0'
+    named, devices = devices, resolve_devices(devices)
+    if len({d.split(":")[0] for d in devices}) > 1:
+        raise UsageError(f"--devices {','.join(named)}: mix of CPU and GPU; answers would differ between them")
 
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import RuntimeFailure, UsageError
 
@@ -33,6 +34,8 @@ class LoadedModel:
     max_positions: int  # the longest sequence the model accepts
     model_id: str
     revision: str | None  # hub commit, or a content hash of a local checkpoint
+    mask_4d: bool = False  # feed the padding mask as [B, 1, 1, T] bool: the same answers, no host read (mask_form)
+    mask_always: bool = False  # an unpadded batch gets an all-true mask too: without one the model reads the host
 
     @property
     def identity(self) -> dict:
@@ -193,6 +196,56 @@ def warm_up(model: torch.nn.Module, device: torch.device, input_names: tuple[str
         raise RuntimeFailure(f"the model does not run on {device}: {e}") from None
 
 
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (`.item()`, `bool(tensor)`): on CUDA
+    each waits for the stream, so a forward with one cannot overlap the next batch's launch."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One forward: how many host reads it made, and its start and end logits."""
+    with torch.inference_mode(), HostReads() as reads:
+        out = model(**inputs)
+    return reads.count, out.start_logits, out.end_logits
+
+
+def mask_form(model: torch.nn.Module, device: torch.device, input_names: tuple[str, ...]) -> tuple[bool, bool]:
+    """How to pass the padding mask so that a forward makes no host read, with the logits of the
+    2D mask: (as [B, 1, 1, T] bool?, on unpadded batches too?). transformers 5 returns a prepared
+    4D mask as it is, but checks a 2D one with `mask.all()` to skip masking, and some models
+    (DeBERTa) look for padding in `input_ids` when given no mask: both host reads, which on CUDA
+    wait for the stream. A model that gives other logits with a 4D mask keeps the 2D one."""
+    if "attention_mask" not in input_names:
+        return False, False
+    ids = torch.arange(5, 21, device=device).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    inputs = {n: inputs[n] for n in input_names}
+    try:
+        _, start, end = host_reads(model, inputs)
+        reads, start_4d, end_4d = host_reads(model, {**inputs, "attention_mask": mask[:, None, None, :].bool()})
+    except Exception:  # noqa: BLE001 - a model that refuses a 4D mask keeps the 2D one
+        return False, False
+    real = mask.bool()
+    same = all(torch.allclose(a[real].float(), b[real].float(), rtol=1e-3, atol=1e-4)
+               for a, b in ((start, start_4d), (end, end_4d)))
+    if reads or not same:
+        return False, False
+    unmasked = {n: t[:1] for n, t in inputs.items() if n != "attention_mask"}
+    return True, host_reads(model, unmasked)[0] > 0
+
+
 def _source(model_id: str) -> tuple[bool, bool, dict]:
     """(local directory?, cache only?, from_pretrained's keyword arguments) for a --model."""
     local = os.path.isdir(model_id)
@@ -281,6 +334,7 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
     if device.type == "cuda":
         warm_up(model, device, input_names, tokenizer)
     revision = content_hash(model_id) if local else getattr(model.config, "_commit_hash", None)
+    mask_4d, mask_always = mask_form(model, device, input_names)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -290,7 +344,15 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
         max_positions=max_positions(model, tokenizer),
         model_id=model_id,
         revision=revision,
+        mask_4d=mask_4d,
+        mask_always=mask_always,
     )
+
+
+def resolve_devices(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """--devices as indexed device names ('cuda' -> 'cuda:0', the current device), each checked to
+    exist: a worker process must be told exactly which device is its own."""
+    return tuple(str(resolve_device(spec)) for spec in specs)
 
 
 def devices_for(spec: str) -> tuple[str, ...]:

@@ -149,6 +149,7 @@ def prepared(loaded, config):
                          + (" (--num-gpus 0 with --engine ray)" if config.engine == "ray" else ""))
     loaded.model = load_session(loaded, config.quantize)
     loaded.dtype = torch.float32
+    loaded.mask_4d = loaded.mask_always = False  # the session takes the 2D mask it was exported with
     return loaded
 
 

@@ -65,10 +65,15 @@ def collate(
     pad_left: bool = False,
     pad_multiple: int = 1,
     pin: bool = False,
+    max_width: int | None = None,
 ) -> HostBatch:
-    """Pad the chosen chunks into [B, T] tensors (T rounded up to `pad_multiple`)."""
+    """Pad the chosen chunks into [B, T] tensors: T rounded up to `pad_multiple`, but never past
+    `max_width` (the model's position table: a table of 100 takes no chunk of 104)."""
     lengths = chunks.lengths[index]
-    width = int(-(-lengths.max() // pad_multiple) * pad_multiple)
+    longest = int(lengths.max())
+    width = int(-(-longest // pad_multiple) * pad_multiple)
+    if max_width is not None:
+        width = max(longest, min(width, max_width))
     ids = np.full((len(index), width), pad_id, dtype=np.int64)
     types = np.zeros((len(index), width), dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import faults
 from ..errors import RuntimeFailure
 from .batch import HostBatch
 from .spans import ChunkSpans, SpanRules, search_spans
@@ -28,6 +29,7 @@ from .spans import ChunkSpans, SpanRules, search_spans
 @dataclass
 class InferStats:
     oom_splits: int = 0  # batches split in two after running out of device memory
+    too_big: int | None = None  # the fewest padded tokens a batch ran out of memory with: larger ones are split first
 
 
 class _Ready:
@@ -45,7 +47,7 @@ class _CudaHandle:
 
     def __init__(self, host: ChunkSpans):
         self.host = host
-        self.event = torch.cuda.Event()
+        self.event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning a core
         self.event.record()
 
     def result(self) -> ChunkSpans:
@@ -62,6 +64,8 @@ class Predictor:
     max_answer_len: int
     k: int
     workers: int = 1  # CPU only: batches run in parallel, one intra-op thread each
+    mask_4d: bool = False  # the padding mask as [B, 1, 1, T] bool (LoadedModel.mask_4d)
+    mask_always: bool = False  # and an all-true one for unpadded batches (LoadedModel.mask_always)
     stats: InferStats = field(default_factory=InferStats)
 
     def __post_init__(self):
@@ -117,23 +121,38 @@ class Predictor:
     def _forward(self, inputs: dict[str, torch.Tensor], rules: SpanRules) -> ChunkSpans:
         non_blocking = self.device.type == "cuda"
         inputs = {n: t.to(self.device, non_blocking=non_blocking) for n, t in inputs.items()}
+        if self.mask_4d and "attention_mask" in inputs:  # no host read in the model's mask check
+            inputs["attention_mask"] = inputs["attention_mask"][:, None, None, :].bool()
+        elif self.mask_always:  # an unpadded batch: the model would look for padding on the host
+            ids = inputs["input_ids"]
+            inputs["attention_mask"] = torch.ones(ids.shape[0], 1, 1, ids.shape[1], dtype=torch.bool, device=ids.device)
+        if faults.out_of_memory(rules.cls_pos.shape[0]):  # tests: the out-of-memory path on any device
+            raise torch.cuda.OutOfMemoryError("simulated out of memory (QA_BATCH_OOM_ABOVE)")
         out = self.model(**inputs)
         return search_spans(out.start_logits, out.end_logits, rules.to(self.device, non_blocking=non_blocking),
                             self.max_answer_len, self.k)
 
     def _run(self, inputs: dict[str, torch.Tensor], rules: SpanRules) -> ChunkSpans:
-        """The spans of a batch; on out-of-memory, of its two halves, split again as needed."""
-        try:
-            return self._forward(inputs, rules)
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first: its traceback keeps the failed forward's tensors alive
+        """The spans of a batch; on out-of-memory, of its two halves, split again as needed.
+
+        A batch at least as large (in padded tokens) as one that ran out of memory before is
+        split without trying: a workload that never fits pays for one failure, not one a batch."""
         n = rules.cls_pos.shape[0]
-        if n == 1:
-            raise RuntimeFailure("out of device memory for a single chunk: lower --max-seq-len or use a bigger device")
-        with self._lock:
-            self.stats.oom_splits += 1
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the failed forward's blocks back before retrying
+        tokens = n * inputs["input_ids"].shape[1]
+        too_big = self.stats.too_big
+        if n == 1 or too_big is None or tokens < too_big:
+            try:
+                return self._forward(inputs, rules)
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than the torch 2.4 we allow
+                pass  # leave the except block first: its traceback keeps the failed forward's tensors alive
+            if n == 1:
+                raise RuntimeFailure("out of device memory for a single chunk: lower --max-seq-len or use a bigger "
+                                     "device")
+            with self._lock:
+                self.stats.oom_splits += 1
+                self.stats.too_big = tokens if self.stats.too_big is None else min(self.stats.too_big, tokens)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the failed forward's blocks back before retrying (a device-wide sync)
         h = n // 2
         return ChunkSpans.cat([self._run({k: v[sl] for k, v in inputs.items()}, rules[sl])
                                for sl in (slice(0, h), slice(h, n))])

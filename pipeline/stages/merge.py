@@ -28,6 +28,7 @@ class WindowSpans:
     score: np.ndarray  # [chunks, k] float32, -inf where no span
     null_score: np.ndarray  # [chunks]
     log_norm: np.ndarray  # [chunks]
+    finite: np.ndarray  # [chunks] bool: the chunk's logits were all finite (spans.py)
 
     def store(self, batch, host, chunks: ChunkSet) -> None:
         """Put one batch's spans (ChunkSpans on the host) in place, in passage-token coordinates."""
@@ -38,13 +39,14 @@ class WindowSpans:
         self.score[idx] = host.score.numpy()
         self.null_score[idx] = host.null_score.numpy()
         self.log_norm[idx] = host.log_norm.numpy()
+        self.finite[idx] = host.finite.numpy()
 
     @classmethod
     def empty(cls, n_chunks: int, k: int) -> "WindowSpans":
         return cls(
             np.zeros((n_chunks, k), np.int64), np.zeros((n_chunks, k), np.int64),
             np.full((n_chunks, k), -np.inf, np.float32),
-            np.zeros(n_chunks, np.float32), np.full(n_chunks, -np.inf, np.float32),
+            np.zeros(n_chunks, np.float32), np.full(n_chunks, -np.inf, np.float32), np.ones(n_chunks, bool),
         )
 
 
@@ -73,6 +75,10 @@ def merge_window(
         a, b = bounds[r], bounds[r + 1]
         if chunks.errors[r] is not None or a == b:
             out.append(RowAnswer(None, None, None, None, int(b - a), chunks.errors[r], []))
+            continue
+        if not spans.finite[a:b].all():
+            bad = int((~spans.finite[a:b]).sum())
+            out.append(RowAnswer(None, None, None, None, int(b - a), nonfinite_error(bad), []))
             continue
         null_score = float(spans.null_score[a:b].min())
         span_log_norm = float(np.logaddexp.reduce(spans.log_norm[a:b].astype(np.float64)))
@@ -107,6 +113,11 @@ def merge_window(
         else:
             out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None, top, **found))
     return out
+
+
+def nonfinite_error(n_chunks: int) -> str:
+    return (f"the model's logits were not finite (inf or NaN) in {n_chunks} of this row's chunks, so no answer "
+            "can be trusted; float16 overflow is the usual cause: rerun with --dtype bfloat16 or --dtype float32")
 
 
 def _share(score: float, log_norm: float) -> float:

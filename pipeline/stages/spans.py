@@ -47,6 +47,7 @@ class ChunkSpans:
     score: torch.Tensor  # [B, k] float32; -inf where the chunk has fewer than k valid spans
     null_score: torch.Tensor  # [B] start + end logit at the CLS position
     log_norm: torch.Tensor  # [B] logsumexp over every valid span of the chunk (-inf: none)
+    finite: torch.Tensor  # [B] bool: every logit the chunk's spans and null score read is finite
 
     def to(self, device, non_blocking: bool = False) -> "ChunkSpans":
         return ChunkSpans(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
@@ -88,7 +89,12 @@ def search_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, rules: Sp
     span_end = span_start + flat % A
     rows = torch.arange(B, device=dev)
     null_score = start_logits[rows, rules.cls_pos] + end_logits[rows, rules.cls_pos]
-    return ChunkSpans(span_start, span_end, score, null_score, log_sum_exp(band))
+    # float16 can overflow to inf, and a broken model can give NaN: such a chunk's scores mean
+    # nothing (an inf would win, a NaN would poison the row's confidence), so merge refuses it
+    read = rules.start_ok | rules.end_ok
+    read[rows, rules.cls_pos] = True
+    finite = ((start_logits.isfinite() & end_logits.isfinite()) | ~read).all(dim=1)
+    return ChunkSpans(span_start, span_end, score, null_score, log_sum_exp(band), finite)
 
 
 def log_sum_exp(band: torch.Tensor) -> torch.Tensor:
