@@ -55,7 +55,7 @@ def run(
     inputs: List[str] = typer.Argument(..., metavar="INPUT...", show_default=False,
         help="Parquet files, directories of Parquet files, or globs (quote them: 'exports/*.parquet')."),
     output: Optional[str] = typer.Option(None, "-o", "--output", show_default=False,
-        help="Output Parquet file. Default: <first input stem>.answers.parquet beside the first input.", rich_help_panel="Input and output"),
+        help="Output Parquet file (with --engine ray, a folder). Default: <first input stem>.answers.parquet beside the first input (beside a folder or the folder a glob reads, never inside it).", rich_help_panel="Input and output"),
     model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
         help=f"Hub id or local directory of a QA checkpoint with a fast tokenizer. "
              f"Default: $QA_BATCH_MODEL, else {DEFAULT_MODEL}.", rich_help_panel="Model and device"),
@@ -126,8 +126,8 @@ def run(
         help="With --engine ray: GPU actors, one GPU each: auto (one per GPU of the cluster, and more as GPU "
              "nodes join; CPU actors when it has none), N, or 0 for CPU actors."),
     num_cpus_per_worker: Optional[float] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
-        help="With --engine ray: CPUs per actor; a CPU actor runs that many worker threads. Default: 1 with "
-             "GPUs; without, the smallest node's cores, at most 4."),
+        help="With --engine ray: CPUs per actor; a CPU actor runs that many worker threads, one batch each. "
+             "Default: 1 with GPUs; without, the smallest node's cores, at most 4."),
     rows_per_batch: Optional[int] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="With --engine ray: rows per actor task, in whole --rows-per-window windows, and per output "
              "file. Default: about four tasks per actor."),
@@ -331,6 +331,12 @@ def eval_command(
     from pipeline.quality.evaluate import apply_calibration, evaluate, fit_calibration as fit, plot
 
     with _errors_exit():
+        if fit_calibration and calibration:
+            from pipeline.errors import UsageError
+
+            raise UsageError(f"--fit-calibration {fit_calibration} and --calibration {calibration}: give one "
+                             "(the first fits a new calibration on these rows and reports it; the second reports "
+                             "an existing one)")
         report = evaluate(answers, gold, id_col, gold_col)
         fitted = fit(report, answers, gold) if fit_calibration else None
         if fitted:

@@ -75,7 +75,7 @@ def join(spec: str, *names: str) -> str:
 def with_suffix(spec: str, suffix: str) -> str:
     """`spec` with `suffix` appended to its last component: answers.parquet -> answers.parquet.partial."""
     if not is_uri(spec):
-        return spec + suffix
+        return without_trailing_slash(spec) + suffix
     u = urlsplit(spec)
     return urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + suffix, u.query, ""))
 
@@ -146,6 +146,46 @@ def relative(directory: str, file: str) -> str:
     return os.path.relpath(file, directory).replace(os.sep, "/")
 
 
+def is_glob(spec: str) -> bool:
+    """Does `spec` hold glob characters in its path (a URI's ?endpoint_override=... query is not one)?"""
+    return glob.has_magic(urlsplit(spec).path if is_uri(spec) else _local_path(spec))
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a glob reads below: its components before the first with glob characters."""
+    if is_uri(pattern):
+        u = urlsplit(pattern)
+        parts = u.path.split("/")
+        fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+        return urlunsplit((u.scheme, u.netloc, "/".join(parts[:fixed]) or "/", u.query, ""))
+    parts = os.path.abspath(_local_path(pattern)).split(os.sep)
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    return os.sep.join(parts[:fixed]) or os.sep
+
+
+def glob_could_match(pattern: str, path: str) -> bool:
+    """Would a glob match `path` (which need not exist)?"""
+    root = glob_root(pattern)
+    if not within(path, root):
+        return False
+    if is_uri(pattern):
+        rest = urlsplit(pattern).path[len(urlsplit(root).path.rstrip("/")) + 1:]
+        rel = relative(root, path)
+    else:
+        rest = os.path.abspath(_local_path(pattern))[len(root.rstrip(os.sep)) + 1:]
+        rel = os.path.relpath(os.path.abspath(_local_path(path)), root)
+    return re.fullmatch(_glob_regex(rest.replace(os.sep, "/")), rel.replace(os.sep, "/")) is not None
+
+
+def without_trailing_slash(spec: str) -> str:
+    """`out/` -> `out`, `s3://b/out/` -> `s3://b/out`: one name for one place."""
+    if not is_uri(spec):
+        stripped = spec.rstrip("/")
+        return stripped or spec
+    u = urlsplit(spec)
+    return urlunsplit((u.scheme, u.netloc, u.path.rstrip("/"), u.query, ""))
+
+
 def glob_files(pattern: str) -> list[str]:
     """Files matching a glob (*, ?, [..], ** across folders), sorted."""
     if not is_uri(pattern):
@@ -210,13 +250,33 @@ def write_bytes(spec: str, data: bytes) -> None:
 def write_bytes_atomic(spec: str, data: bytes) -> None:
     """Write to a temporary name, then move into place: readers see all of it or nothing."""
     write_bytes(with_suffix(spec, ".tmp"), data)
+    sync(with_suffix(spec, ".tmp"))
     move(with_suffix(spec, ".tmp"), spec)
 
 
+def sync(spec: str) -> None:
+    """Force a local file's bytes to disk (before it is renamed into place: after a power loss a
+    renamed file must not turn out truncated). Object stores write an object whole: nothing to do."""
+    if is_uri(spec):
+        return
+    fd = os.open(_local_path(spec), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def move(src: str, dst: str) -> None:
+    """Rename (a server-side copy on object stores); locally the rename itself is made durable."""
     fs, a = locate(src)
     _, b = locate(dst)
     fs.move(a, b)
+    if not is_uri(dst):
+        fd = os.open(os.path.dirname(b) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the directory entry
+        finally:
+            os.close(fd)
 
 
 def copy(src: str, dst: str) -> None:

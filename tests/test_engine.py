@@ -183,7 +183,10 @@ def test_rows_stay_in_input_order_across_windows(tmp_path, bert_tokenizer):
     ({"wait_for_input": 5.0, "infer_launch": 1.0, "infer_wait": 2.0, "merge": 0.2, "write": 0.3,
       "tokenize": 7.0, "read": 0.5, "batch": 0.4}, "tokenize"),  # it waited for batches: the producer
     ({"wait_for_input": 5.0, "infer_launch": 1.0, "infer_wait": 2.0, "read": 7.5, "tokenize": 1.0}, "read"),
-    ({"wait_for_input": 0.0, "infer_launch": 0.5, "infer_wait": 0.5, "merge": 0.1, "write": 3.0}, "write"),
+    ({"wait_for_input": 0.0, "infer_launch": 0.5, "infer_wait": 0.5, "wait_for_writer": 2.5, "merge": 0.1,
+      "write": 3.0}, "write"),  # the writer thread held the loop up
+    ({"wait_for_input": 0.0, "infer_launch": 4.5, "infer_wait": 0.5, "wait_for_writer": 0.1, "merge": 0.1,
+      "write": 3.0}, "model"),  # writing took time, beside the model: it set no pace
     ({}, ""),
 ])
 def test_the_bottleneck_is_the_stage_that_set_the_pace(stages, expected):

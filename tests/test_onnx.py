@@ -228,3 +228,27 @@ def test_a_model_that_cannot_be_exported_is_a_usage_error_saying_why(tmp_path, o
                                "data-dependent expression"), message
     assert message.endswith("Run it with --backend torch")
     assert not [n for n in os.listdir(os.path.join(onnx_cache, "onnx")) if n.startswith(".")]  # nothing left
+
+
+def test_an_entry_that_passes_its_checksum_but_does_not_load_is_replaced(tmp_path, models, bert_dir, onnx_cache,
+                                                                         monkeypatch, caplog):
+    """Issue 20: its new export was thrown away (the old entry 'passed' and was kept), then the run
+    failed with 'does not load'. Now the export replaces it."""
+    models["ort"]  # the float32 entry exists
+    cache = str(tmp_path / "cache")
+    shutil.copytree(onnx_cache, cache)
+    name = next(n for n, m in entries(cache).items() if m["material"]["quantize"] == "none")
+    folder = os.path.join(cache, "onnx", name)
+    with open(os.path.join(folder, "model.onnx"), "wb") as f:
+        f.write(b"not an ONNX model")  # and its checksum made to match
+    meta = entries(cache)[name]
+    meta["file"] = {"bytes": 17, "sha256": onnx_backend._file_digest(os.path.join(folder, "model.onnx"))}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    assert onnx_backend.entry_problem(folder, meta["material"]) is None  # it passes every check but loading
+
+    monkeypatch.setenv("QA_BATCH_CACHE", cache)
+    with caplog.at_level(logging.WARNING, logger="qa_batch"):
+        rebuilt = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
+    assert "corrupt: it does not load" in caplog.text
+    assert os.path.getsize(os.path.join(folder, "model.onnx")) > 1000 and rebuilt.model.path.startswith(cache)

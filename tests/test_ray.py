@@ -128,8 +128,8 @@ def test_a_killed_driver_resumes_and_answers_no_shard_twice(small, cluster, tmp_
     cmd = small_command(small, out, cluster)
     r = run(cmd, QA_BATCH_CRASH_AT="ray_shard_done:2", QA_BATCH_TRACE=str(first))  # SIGKILL after 2 shards
     assert r.returncode == -signal.SIGKILL, r.stderr
-    # by default, all of the cluster: its 2 CPUs as two actors of one core each
-    assert ("Ray plan: 2 CPU actors (1 CPU, 1 worker thread each, up to 6 as the cluster grows) on a cluster of "
+    # by default, all of the cluster: its 2 CPUs as one actor running two worker threads
+    assert ("Ray plan: 1 CPU actor (2 CPU, 2 worker threads each, up to 6 as the cluster grows) on a cluster of "
             "2 CPUs and 0 GPUs; 6 shards of up to 4 rows, 24 rows to answer") in r.stderr
     assert not out.exists()
     kept = shard_files(tmp_path / "out.partial" / "files")

@@ -56,20 +56,25 @@ def rows_in_parts(out) -> int:
                if n.startswith("part-") and n.endswith(".parquet"))
 
 
-def rerun_and_compare(job, out, tmp_path):
+def rerun_and_compare(job, out, tmp_path, *extra, finished=False):
+    """Rerun the same command: it must resume (answer exactly the rows no part held), or, when
+    the killed run had `finished` (its output in place), only clean up."""
     before = rows_in_parts(out)
     report = tmp_path / "report.json"
-    r = subprocess.run(command(job, out, "--report", str(report)), capture_output=True, text=True, env=env(), cwd=ROOT)
+    r = subprocess.run(command(job, out, *extra, "--report", str(report)), capture_output=True, text=True, env=env(),
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert_same_answers(pq.read_table(out), job["reference"])  # every row once, in order, same answers
     assert not os.path.exists(str(out) + ".partial")
     rep = json.loads(report.read_text())
     total = job["reference"].num_rows
     assert rep["rows"] == total
-    if "resumed" not in r.stderr:  # the output was already complete: only the clean-up was left
+    if finished:  # only the clean-up was left: the stored summary, nothing answered
+        assert "resumed" not in r.stderr
         return 0
     assert rep["resumed_from_row"] == before
-    assert rep["rows_this_run"] == total - before  # no finished row answered again
+    assert rep["rows_this_run"] == total - before  # no finished row answered again, none lost
+    assert ("resumed an interrupted run" in r.stderr) == (before > 0), r.stderr
     return before
 
 
@@ -81,7 +86,9 @@ def test_sigkill_anywhere_then_resume(job, tmp_path, point):
     assert r.returncode == -signal.SIGKILL, r.stderr
     if point != "cleaning_up:1":
         assert not out.exists()  # never a partial output at the final path
-    rerun_and_compare(job, out, tmp_path)
+    kept = rerun_and_compare(job, out, tmp_path, finished=point == "cleaning_up:1")
+    if point.startswith(("part_written:5", "assembling", "renaming")):
+        assert kept > 0  # parts were kept, and the rerun resumed from them
 
 
 def wait_for_parts(out, n, proc, timeout=60):
@@ -158,9 +165,7 @@ def test_a_full_disk_fails_with_exit_3_and_keeps_the_previous_output(job, tmp_pa
     assert "could not write" in r.stderr and "rerun the same command to resume" in r.stderr
     assert out.read_bytes() == b"yesterday's answers"
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
-    rerun = subprocess.run(command(job, out, "--overwrite"), capture_output=True, text=True, env=env(), cwd=ROOT)
-    assert rerun.returncode == 0, rerun.stderr
-    assert_same_answers(pq.read_table(out), job["reference"])
+    rerun_and_compare(job, out, tmp_path, "--overwrite")  # resumes from the parts the full disk left
 
 
 def test_killed_before_the_move_with_an_older_output_present_gives_the_new_output(job, tmp_path):

@@ -47,15 +47,15 @@ def node(cpus, gpus=0):
 
 def test_a_two_core_machine_runs_one_cpu_actor_with_both_cores_as_workers():
     p = plan_actors([node(2)], None, None, None)
-    assert (p.gpu, p.actors, p.fixed, p.cpus, p.threads) == (False, 2, False, 1.0, 1)
+    assert (p.gpu, p.actors, p.fixed, p.cpus, p.threads) == (False, 1, False, 2.0, 2)
 
 
-def test_cpu_actors_fill_every_node_one_core_each():
+def test_cpu_actors_fill_every_node_four_cores_each_at_most():
     p = plan_actors([node(64), node(64)], None, None, None)
-    assert (p.actors, p.cpus, p.threads, p.cluster_cpus) == (128, 1.0, 1, 128.0)
-    # a head node without CPUs for work takes no actor
+    assert (p.actors, p.cpus, p.threads, p.cluster_cpus) == (32, 4.0, 4, 128.0)
+    # a head node without CPUs for work takes no actor; the smallest node sets the actor's size
     p = plan_actors([node(0), node(2), node(16)], None, None, None)
-    assert (p.actors, p.cpus, p.threads) == (18, 1.0, 1)
+    assert (p.actors, p.cpus, p.threads) == (9, 2.0, 2)
 
 
 def test_cpu_options_fix_the_pool_or_the_cores_per_actor():
@@ -73,7 +73,7 @@ def test_gpus_mean_one_actor_per_gpu_unless_told_otherwise():
     p = plan_actors([node(16, 4)], 2, None, None)  # --num-gpus 2
     assert (p.gpu, p.actors, p.fixed) == (True, 2, True)
     p = plan_actors([node(16, 4)], 0, None, None)  # --num-gpus 0: CPU actors on a GPU cluster
-    assert (p.gpu, p.actors, p.threads) == (False, 16, 1)
+    assert (p.gpu, p.actors, p.threads) == (False, 4, 4)
     p = plan_actors([node(2, 4)], None, None, None)  # GPUs beyond the node's CPUs wait for CPUs
     assert p.actors == 2
 

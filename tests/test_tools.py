@@ -314,3 +314,18 @@ def test_cron_wrapper_runs_the_job_logs_and_never_overlaps(tmp_path, bert_dir):
         assert r.returncode == 75 and "still holds" in r.stderr
     finally:
         holder.kill()
+
+
+def test_cron_wrapper_refuses_a_lock_path_that_is_a_link(tmp_path):
+    """A lock in a shared /tmp could be a link another user planted to a file of ours: the
+    wrapper would have truncated it. It refuses a link (exit 2) and leaves the target alone."""
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "lock").symlink_to(target)
+    (tmp_path / "nightly.toml").write_text('inputs = ["x"]\n')
+    script = os.path.join(ROOT, "jobs", "cron", "qa-batch-nightly.sh")
+    env = {**os.environ, "QA_BATCH": "false", "QA_BATCH_LOCK": str(tmp_path / "lock")}
+    r = subprocess.run([script, str(tmp_path / "nightly.toml"), str(tmp_path / "logs")], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "symbolic link" in r.stderr
+    assert target.read_text() == "keep me"

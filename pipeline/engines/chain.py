@@ -1,9 +1,9 @@
 """The stages between read and write, set up for one model and one run's options:
 chunk -> batch -> infer -> decode -> merge.
 
-`Stages.build` makes the chunker, the predictor and the batch limits; `answer_window`
-runs them in order on one window (what each Ray actor does); loop.py overlaps them on
-threads for the local engine. Same stages, same answers.
+`Stages.build` makes the chunker, the predictor and the batch limits; loop.py overlaps them
+on threads (the local engine, each worker and each Ray actor); `answer_window` runs them in
+order on one window, without threads. Same stages, same answers.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ CUDA_BATCH_SIZE = 256
 class Stages:
     """The chunk -> batch -> infer -> merge stages set up for one model and one run's options.
 
-    The local engine pipelines them over threads; `answer_window` runs them in order on one
-    window, which is what each Ray actor does (ray_engine.py). Same stages, same answers.
+    The engines pipeline them over threads (loop.py); `answer_window` runs them in order on
+    one window, without threads. Same stages, same answers.
     """
 
     config: RunConfig

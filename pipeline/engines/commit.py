@@ -59,6 +59,12 @@ def aside_path(output: str) -> str:
     return storage.join(storage.parent(output), f".{storage.basename(output)}.replaced")
 
 
+def clean_up(output: str) -> None:
+    """What a publish killed between its last two steps leaves: the older output, set aside."""
+    if storage.renames_dirs(output):
+        storage.delete(aside_path(output))
+
+
 def publish(files: str, output: str) -> None:
     """Make the directory `files` (its `_SUCCESS` written) the output; see the module docstring."""
     if storage.renames_dirs(output):
@@ -68,6 +74,7 @@ def publish(files: str, output: str) -> None:
             storage.move(output, aside)
             faults.point("publishing")
         storage.move(files, output)
+        faults.point("replaced")
         storage.delete(aside)
         return
     if storage.is_file(output):  # an older output that is one object (a local-engine file)

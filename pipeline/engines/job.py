@@ -8,7 +8,8 @@ assembled into the output with the run's summary.
 from __future__ import annotations
 
 import datetime as dt
-import glob
+import functools
+import hashlib
 import json
 import os
 import time
@@ -26,13 +27,17 @@ from ..stages.questions import plan_questions
 from ..stages.read import InputPlan, plan_inputs
 from ..stages.wide import Pivot
 from ..stages.write import output_schema, read_metadata
+from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
 
 
 def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
-    """<stem>.answers.parquet beside the first input (beside, not inside, a directory)."""
+    """<stem>.answers.parquet beside the first input (beside, not inside, a directory or the
+    folder a glob reads: never where the next run's input would include it)."""
     first = inputs[0]
+    if storage.is_glob(first):
+        return storage.with_suffix(storage.glob_root(first), ".answers.parquet")
     if storage.is_dir(first):
         return storage.with_suffix(first.rstrip("/") if storage.is_uri(first) else os.path.normpath(first),
                                    ".answers.parquet")
@@ -60,9 +65,43 @@ def check_options(c: RunConfig) -> None:
 
 
 def answer_identity(c: RunConfig, calibration: calibrate.Calibration | None) -> dict:
-    """The options that change answers as a resume manifest holds them (both engines), the
-    calibration named by the digest of its parameters."""
-    return {**c.answer_options(), **calibrate.calibration_identity(c, calibration)}
+    """The options that change answers or the output's shape, as a resume manifest holds them
+    (both engines), the calibration named by the digest of its parameters."""
+    return {**c.answer_options(), "wide": c.wide, **calibrate.calibration_identity(c, calibration)}
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """sha256 of qa-batch's own source: parts written by other code are another job's, even
+    under the same version number (a development checkout changes between commits)."""
+    h = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def versions(c: RunConfig) -> dict:
+    """What computes the answers, by version: qa-batch (and its code), torch, transformers,
+    tokenizers, and ONNX Runtime when it runs the model. Part of a job's identity."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    found = {"qa_batch": f"{__version__}+{code_digest()}", "torch": of("torch"),
+             "transformers": of("transformers"), "tokenizers": of("tokenizers")}
+    if c.backend == "onnxruntime":
+        found["onnxruntime"] = of("onnxruntime")
+    return found
 
 
 def questions_metadata(plan: InputPlan) -> dict:
@@ -95,8 +134,17 @@ def check_apart_from_inputs(output: str, inputs: tuple[str, ...], files: tuple[s
         if storage.within(f, output):
             what = "is also an input" if storage.within(output, f) else f"contains the input {f}"
             raise UsageError(f"output {output} {what}: choose another path with -o")
+    work = work_dir_for(output)
+    written = (output, storage.join(work, "part-000000000000.parquet"),  # what a run writes: the local engine's
+               storage.join(work, "files", "part-000000000000-000000000001.parquet"),  # and the Ray engine's
+               storage.join(output, "part-000000000000-000000000001.parquet"))
     for spec in inputs:
-        if not glob.has_magic(spec) and storage.within(output, spec) and storage.is_dir(spec):
+        if storage.is_glob(spec):
+            if any(storage.glob_could_match(spec, path) for path in written):
+                raise UsageError(f"output {output} (or its work directory {work}) would match the input glob "
+                                 f"{spec}, so the next run would read the answers as input: choose a path the glob "
+                                 "does not match with -o")
+        elif storage.within(output, spec) and storage.is_dir(spec):
             raise UsageError(f"output {output} lies inside the input directory {spec}, so the next run would "
                              "read the answers as input: choose a path outside it with -o")
 
@@ -129,6 +177,12 @@ class Job:
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns, questions)
         output = config.output or default_output_for(config.inputs, plan.files)
+        if output != storage.without_trailing_slash(output):  # out/: a folder's name
+            if config.engine != "ray":
+                raise UsageError(f"-o {output} names a folder (it ends in /), and the local engine writes one "
+                                 "Parquet file: give a file path (e.g. -o {0}answers.parquet), or use --engine ray, "
+                                 "which writes a folder of files".format(output))
+            output = storage.without_trailing_slash(output)
         check_apart_from_inputs(output, config.inputs, plan.files)
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
         schema = output_schema(plan, config.top_k)
@@ -140,12 +194,17 @@ class Job:
         """The output's shape: long, or with --wide one row per input row."""
         return self.pivot.schema if self.pivot is not None else self.schema
 
+    def target(self) -> Target:
+        """Where the loop puts finished windows: parts of the work directory."""
+        return Target(self.config, self.plan, self.schema, self.parts.write_part, self.parts.path)
+
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay)."""
         check_output(self.output, self.plan, self.config.overwrite or self.parts.wrote(self.output))
 
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
-        return {"qa_batch_version": __version__, "model": model, "options": self.config.as_dict(),
+        return {"qa_batch_version": __version__, "versions": versions(self.config), "model": model,
+                "options": self.config.as_dict(),
                 "device": device, "dtype": dtype, "started_at": self.started_at,
                 **calibrate.calibration_metadata(self.config, self.calibration), **questions_metadata(self.plan)}
 
@@ -156,7 +215,7 @@ class Job:
         None when this job's output is already in place (a run killed while cleaning up):
         `already_done` then gives its summary."""
         c = self.config
-        opened = self.parts.open({
+        opened = self.parts.open_for({
             "inputs": input_fingerprint(self.plan),
             "model": model,
             # what changes answers, batching included (it moves floating-point rounding)
@@ -164,13 +223,10 @@ class Job:
                         "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                         "rows_per_window": c.rows_per_window},
             "schema": self.schema.to_string(),
-        }, c.restart, self.output)
+            "versions": versions(c),
+        }, self.output, c.restart, c.overwrite)
         if opened is Opened.FINISHED:
             return None
-        if opened is Opened.NEW and storage.exists(self.output) and not c.overwrite:
-            # leftovers of another, finished job were cleared: its output is not ours to replace
-            raise UsageError(f"output {self.output} exists: pass --overwrite to replace it, "
-                             "or choose another path with -o")
         return self.parts.todo(self.total_rows, c.rows_per_window)
 
     def already_done(self) -> RunSummary:

@@ -68,7 +68,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     bar = tqdm(total=job.total_rows, initial=done_before.rows, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
-        answer_ranges(stages_, job, todo, progress, bar.update, stop_requested)
+        answer_ranges(stages_, job.target(), todo, progress, bar.update, stop_requested)
     except Interrupted as e:
         raise Interrupted(done_before + e.done, e.work_dir) from None
     finally:

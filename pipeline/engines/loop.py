@@ -1,11 +1,14 @@
-"""The local engine's threads: read -> chunk -> batch on a producer thread; infer -> decode ->
-merge -> write on the calling thread.
+"""The engines' threads: read -> chunk -> batch on a producer thread; infer -> decode on the
+calling thread (the device loop); merge -> write on a writer thread.
 
 A producer thread reads windows of rows, tokenizes them and pads batches (the Rust tokenizer
 releases the GIL, so this runs beside the model); the calling thread runs the model and the
-span search, keeps batches in flight (two on CUDA, so the GPU never waits for a copy),
-merges each window once all its batches are back and writes it as a part. A bounded queue
-between the two keeps memory flat however large the input is.
+span search, keeps batches in flight (two on CUDA, so the GPU never waits for a copy; two per
+worker thread on the CPU), and hands each window, once all its batches are back, to the
+writer thread, which merges it and writes it (a part of the work directory, or a Ray shard's
+table): the device is never idle while a window is merged or its part written, even to
+s3://. Bounded queues between the three keep memory flat however large the input is. The
+local engine, each --devices worker and each Ray actor run this same loop.
 
 The protocol on that queue, item by item, in the order the producer puts them:
 
@@ -29,16 +32,29 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import pyarrow as pa
+
 from .. import faults
+from ..config import RunConfig
 from ..errors import Interrupted
 from ..stages.batch import HostBatch
 from ..stages.chunk import ChunkSet
 from ..stages.merge import WindowSpans
-from ..stages.read import RowBatch, read_windows
+from ..stages.read import InputPlan, RowBatch, read_windows
 from ..stages.write import answers_table
 from .chain import Stages
-from .job import Job
 from .report import Progress
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the loop answers and where each finished window goes."""
+
+    config: RunConfig
+    plan: InputPlan
+    schema: pa.Schema  # the long output schema of a window's table
+    write: Callable[[int, pa.Table], None]  # (the window's first row, its answers): a part, or a shard's piece
+    where: str  # what an interrupted run names as keeping the finished windows
 
 
 @dataclass
@@ -71,12 +87,12 @@ class BatchInFlight:
 _DONE = object()  # the producer's last item
 
 
-def produce(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], stage_seconds: collections.Counter,
+def produce(stages_: Stages, target: Target, ranges: Iterable[tuple[int, int]], stage_seconds: collections.Counter,
             put: Callable[[object], None], stop: threading.Event) -> None:
     """read -> chunk -> batch for every window of `ranges`; each item goes to `put`: a
     WindowStart, then its HostBatches (padded one at a time: the queue bounds host memory,
     not the window), and _DONE at the end. An exception is put too (the device loop raises it)."""
-    config, plan = job.config, job.plan
+    config, plan = target.config, target.plan
     try:
         for start, end in ranges:
             windows = read_windows(plan, config.rows_per_window, end, start)
@@ -143,15 +159,69 @@ class OpenWindows:
         return len(self.windows)
 
 
+class WindowWriter:
+    """merge -> write on a thread of its own: windows, complete and in input order, are merged
+    and written while the device loop runs the next batches. A failure is raised on the device
+    loop's next hand-over or at close (the windows after it are dropped, as the run ends)."""
+
+    def __init__(self, stages_: Stages, target: Target, progress: Progress, on_window: Callable[[int], None]):
+        self.stages, self.target, self.progress, self.on_window = stages_, target, progress, on_window
+        self.queue: queue.Queue = queue.Queue(maxsize=2)  # windows merged or written at a time: bounded memory
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="qa-batch-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, window: WindowInFlight) -> None:
+        self.raise_failure()
+        t0 = time.perf_counter()
+        self.queue.put(window)
+        self.progress.stages["wait_for_writer"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Write every window handed over, then end the thread; raise what failed."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self) -> None:
+        while (w := self.queue.get()) is not None:
+            if self.error is None:  # after a failure: take the rest, so that put() never blocks
+                try:
+                    self._write(w)
+                except BaseException as e:  # handed to the device loop
+                    self.error = e
+
+    def _write(self, w: WindowInFlight) -> None:
+        config, plan, seconds = self.target.config, self.target.plan, self.progress.stages
+        rows = w.start.rows
+        t0 = time.perf_counter()
+        answers = self.stages.merge(rows, w.start.chunks, w.spans)
+        t1 = time.perf_counter()
+        self.target.write(rows.first_row, answers_table(self.target.schema, rows, answers, config.top_k, plan.id_col))
+        seconds["merge"] += t1 - t0
+        seconds["write"] += time.perf_counter() - t1
+        self.progress.rows += len(answers)
+        self.progress.chunks += len(w.start.chunks)
+        self.progress.errors += sum(a.error is not None for a in answers)
+        self.progress.answered += sum(a.answer is not None for a in answers)
+        self.on_window(rows.input_rows)
+
+
 class DeviceLoop:
-    """infer -> decode -> merge -> write, on the calling thread.
+    """infer -> decode, on the calling thread; complete windows go to the writer.
 
     Batches are submitted in order and collected oldest first, so windows complete in input
-    order; a window is merged and written as a part once all its batches are collected.
+    order; a window goes to the writer once all its batches are collected.
     """
 
-    def __init__(self, stages_: Stages, job: Job, progress: Progress, on_window: Callable[[int], None]):
-        self.stages, self.job, self.progress, self.on_window = stages_, job, progress, on_window
+    def __init__(self, stages_: Stages, progress: Progress, writer: WindowWriter):
+        self.stages, self.progress, self.writer = stages_, progress, writer
         self.seconds = progress.stages
         self.windows = OpenWindows()
         self.pending: collections.deque[BatchInFlight] = collections.deque()
@@ -159,7 +229,7 @@ class DeviceLoop:
 
     def open_window(self, start: WindowStart) -> None:
         self.windows.open(start, WindowSpans.empty(len(start.chunks), self.stages.chunk_k))
-        self.write_complete_windows()  # a window of no batches is complete at once
+        self.hand_over_complete_windows()  # a window of no batches is complete at once
 
     def submit(self, batch: HostBatch) -> None:
         window = self.windows.newest()
@@ -171,7 +241,7 @@ class DeviceLoop:
         self.pending.append(BatchInFlight(window, batch, handle))
         while len(self.pending) > self.max_in_flight:
             self.collect_oldest()
-        self.write_complete_windows()
+        self.hand_over_complete_windows()
 
     def collect_oldest(self) -> None:
         done = self.pending.popleft()
@@ -183,37 +253,26 @@ class DeviceLoop:
         faults.point("batch")
 
     def drain(self) -> None:
-        """Collect every batch in flight and write every window that is complete."""
+        """Collect every batch in flight, hand over every complete window and wait until they are written."""
         while self.pending:
             self.collect_oldest()
-        self.write_complete_windows()
+        self.hand_over_complete_windows()
+        self.writer.close()
 
-    def write_complete_windows(self) -> None:
-        config, plan = self.job.config, self.job.plan
+    def hand_over_complete_windows(self) -> None:
         for w in self.windows.pop_complete():
-            rows = w.start.rows
-            t0 = time.perf_counter()
-            answers = self.stages.merge(rows, w.start.chunks, w.spans)
-            t1 = time.perf_counter()
-            self.job.parts.write_part(rows.first_row,
-                                      answers_table(self.job.schema, rows, answers, config.top_k, plan.id_col))
-            self.seconds["merge"] += t1 - t0
-            self.seconds["write"] += time.perf_counter() - t1
-            self.progress.rows += len(answers)
-            self.progress.chunks += len(w.start.chunks)
-            self.progress.errors += sum(a.error is not None for a in answers)
-            self.progress.answered += sum(a.answer is not None for a in answers)
-            self.on_window(rows.input_rows)
+            self.writer.put(w)
 
 
-def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], progress: Progress,
+def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, int]], progress: Progress,
                   on_window: Callable[[int], None], stop_requested=None) -> None:
-    """Answer the rows of `ranges` ([start, end), whole windows) and write each window as a part.
+    """Answer the rows of `ranges` ([start, end), whole windows); each window goes to `target.write`.
 
     A producer thread reads, tokenizes and pads batches (the Rust tokenizer releases the GIL);
-    this thread runs the model, merges finished windows and writes them. `ranges` may be a
-    lazy iterator (worker processes take them from a queue). Setting `stop_requested`
-    stops after the batches in flight; whole windows are kept, then Interrupted is raised.
+    this thread runs the model; a writer thread merges finished windows and writes them.
+    `ranges` may be a lazy iterator (worker processes take them from a queue). Setting
+    `stop_requested` stops after the batches in flight; whole windows are kept, then
+    Interrupted is raised.
     """
     work: queue.Queue = queue.Queue(maxsize=16)
     stop = threading.Event()
@@ -227,15 +286,16 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
                 continue
 
     producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True,
-                                args=(stages_, job, ranges, progress.stages, put, stop))
-    loop = DeviceLoop(stages_, job, progress, on_window)
+                                args=(stages_, target, ranges, progress.stages, put, stop))
+    writer = WindowWriter(stages_, target, progress, on_window)
+    loop = DeviceLoop(stages_, progress, writer)
     try:
         producer.start()
         while True:
             if stop_requested is not None and stop_requested.is_set():
                 stop.set()  # no new work; finish the batches in flight and keep whole windows
                 loop.drain()
-                raise Interrupted(job.plan.count_answers(progress.rows), job.parts.path)
+                raise Interrupted(target.plan.count_answers(progress.rows), target.where)
             t0 = time.perf_counter()
             try:
                 item = work.get(timeout=0.2)
@@ -257,3 +317,6 @@ def answer_ranges(stages_: Stages, job: Job, ranges: Iterable[tuple[int, int]], 
         producer.join()
     finally:
         stop.set()  # on failure: finished parts stay in the work directory for the next run
+        if writer.thread.is_alive():  # a failure elsewhere: the windows handed over are still written
+            writer.queue.put(None)
+            writer.thread.join()

@@ -5,7 +5,8 @@
     driver: check every row is there -> write _SUCCESS -> publish the output (commit.py)
 
 Each actor loads the model once (in __init__) and answers whole windows of
-`--rows-per-window` rows with `Stages.answer_window`, the code the local engine runs. The
+`--rows-per-window` rows with the local engine's loop (loop.answer_ranges: tokenizing, the
+model on every worker thread, merging, all overlapped). The
 dataset's items are shards, row ranges in whole windows (shards.py), rather than rows read
 by ray.data.read_parquet: an actor reads its shard itself (from the row group holding its
 first row, through storage.py, so s3:// works on every node), rows keep their global row
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from .. import __version__, faults, storage
@@ -50,19 +52,23 @@ from ..counts import Count
 from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from ..models.checkpoint import load_model, model_identity
 from ..quality import calibrate
-from ..stages.read import InputPlan, open_parquet, read_windows
+from ..stages.read import InputPlan, open_parquet
 from ..stages.wide import Pivot
 from ..stages.write import METADATA_KEY, count_answers, output_schema
 from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from .job import Job, answer_identity, default_output, questions_metadata
-from .report import RunSummary, write_report
-from .resume import MANIFEST, input_fingerprint
+from .job import Job, answer_identity, default_output, questions_metadata, versions
+from .loop import Target, answer_ranges
+from .report import Progress, RunSummary, write_report
+from .resume import MANIFEST, input_fingerprint, output_job_id, readable
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
 _SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the hub client looks, not from us
-CORES_PER_CPU_ACTOR = 1  # default: one actor per core; worker threads inside one actor measured no faster (BENCHMARKS.md#scaling)
+# default cores per CPU actor (at most the smallest node's): since actors run the local engine's loop,
+# one actor of 2 worker threads answers as fast as 2 actors of one (0.97-1.13x, BENCHMARKS.md#scaling)
+# with one model copy instead of two; 4 keeps several actors, hence shards in parallel, on big nodes
+CORES_PER_CPU_ACTOR = 4
 _COUNTS = ("rows", "chunks", "answered", "errors")
 
 
@@ -171,19 +177,22 @@ class RayAnswerer:
         self.oom_splits = 0  # the predictor's count when the last shard was reported
 
     def __call__(self, batch: dict) -> dict:
-        import pyarrow as pa
-
         if self.mismatch:
             raise RuntimeFailure(self.mismatch)
         out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS, "oom_splits")}
         for start, end in zip(batch["start"], batch["end"]):
             start, end = int(start), int(end)
             faults.record("shard_started", f"{start}-{end}")
-            tables = []
-            for rows in read_windows(self.plan, self.config.rows_per_window, end, start):
+            tables: list[pa.Table] = []
+
+            def keep(first_row: int, table: pa.Table) -> None:  # windows come in input order
                 faults.once("ray_window")
-                tables.append(self.stages.answer_window(rows, self.schema, self.plan.id_col))
-            table = pa.concat_tables(tables)
+                tables.append(table)
+
+            # the local engine's loop: tokenizing, the model and merging overlap, every worker thread busy
+            target = Target(self.config, self.plan, self.schema, keep, self.files)
+            answer_ranges(self.stages, target, [(start, end)], Progress(), lambda n: None)
+            table = pa.concat_tables(tables) if tables else self.schema.empty_table()
             counts = count_answers(table)
             write_shard(self.files, start, end, self.pivot(table) if self.pivot else table,
                         {**self.metadata, "shard": {"start": start, "end": end, **counts}})
@@ -208,6 +217,7 @@ def write_shard(files: str, start: int, end: int, table, metadata: dict) -> None
     try:
         fs, inner = storage.locate(tmp)
         pq.write_table(table, inner, compression="zstd", filesystem=fs)
+        storage.sync(tmp)
         storage.move(tmp, path)
     except OSError as e:
         raise RuntimeFailure(f"could not write {path}: {e.strerror or e}. The finished shards are kept: fix the "
@@ -258,6 +268,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             _check_gpus(rj, actors)
             staged = open_staging(rj, actors)
             if staged is Staged.PUBLISHED:  # killed after publishing, before the clean-up
+                commit.clean_up(rj.job.output)
                 storage.delete(rj.job.parts.path)
                 return write_report(_summary_from(commit.read_success(rj.job.output), rj.job.output), config)
             if staged is Staged.TO_ANSWER:
@@ -306,8 +317,8 @@ def _check_gpus(rj: RayJob, actors: ActorPlan) -> None:
 def open_staging(rj: RayJob, actors: ActorPlan) -> Staged:
     """Create or check the staging directory (resume.py compares the manifests)."""
     job = rj.job
-    job.parts.open(_manifest(rj.config, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
-                   rj.config.restart, job.output)
+    job.parts.open_for(_manifest(rj.config, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
+                       job.output, rj.config.restart, rj.config.overwrite)
     if (commit.read_success(job.output) or {}).get("job_id") == job.parts.job_id:
         return Staged.PUBLISHED
     if (commit.read_success(rj.files) or {}).get("job_id") == job.parts.job_id:
@@ -320,7 +331,8 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
     """Answer the rows no shard file holds; return the files' metadata, this run's counts and
     what earlier runs had answered. Finished shards are files by now."""
     job, config = rj.job, rj.config
-    metadata = {"qa_batch_version": __version__, "engine": "ray", "options": config.as_dict(),
+    metadata = {"qa_batch_version": __version__, "versions": versions(config), "engine": "ray",
+                "options": config.as_dict(),
                 "started_at": job.started_at, "job_id": job.parts.job_id,
                 **calibrate.calibration_metadata(config, job.calibration), **questions_metadata(job.plan)}
     todo = _shards_left(rj.files, job.total_rows)
@@ -444,9 +456,10 @@ def _check_ray_options(config: RunConfig) -> int | None:
         raise UsageError(f"--num-gpus {config.num_gpus}: must be auto or at least 0")
     if config.num_cpus_per_worker is not None and config.num_cpus_per_worker <= 0:
         raise UsageError(f"--num-cpus-per-worker {config.num_cpus_per_worker}: must be above 0")
-    if config.device == "cpu":
+    if config.device == "cpu" or config.backend == "onnxruntime":  # ONNX Runtime runs on the CPU
         if config.num_gpus:
-            raise UsageError(f"--device cpu with --num-gpus {config.num_gpus}: choose one")
+            what = "--device cpu" if config.device == "cpu" else "--backend onnxruntime (CPU only)"
+            raise UsageError(f"{what} with --num-gpus {config.num_gpus}: choose one")
         return 0
     if config.device not in ("auto", "cuda"):
         raise UsageError(f"--device {config.device}: with --engine ray, Ray assigns the GPUs; "
@@ -463,8 +476,7 @@ def _refuse_existing_output(output: str, staging: str, files: str, config: RunCo
             job_id = json.loads(storage.read_bytes(storage.join(staging, MANIFEST))).get("job_id")
         except (OSError, ValueError):
             job_id = None
-        if job_id and job_id in ((commit.read_success(output) or {}).get("job_id"),
-                                 (commit.read_success(files) or {}).get("job_id")):
+        if job_id and job_id in (output_job_id(output), (commit.read_success(files) or {}).get("job_id")):
             return
     raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
 
@@ -490,6 +502,7 @@ def _manifest(config: RunConfig, plan: InputPlan, model: dict, gpu: bool, schema
                     "max_batch_tokens": config.max_batch_tokens or batch_size * config.max_seq_len,
                     "rows_per_window": config.rows_per_window},
         "schema": schema.to_string(),
+        "versions": versions(config),
     }
 
 
@@ -512,9 +525,14 @@ def _shard_files(files: str) -> dict[Range, str]:
 
 
 def _shards_left(files: str, total: int) -> list[Range]:
-    """The row ranges no shard file holds; files that repeat rows another holds are deleted."""
+    """The row ranges no shard file holds; files that repeat rows another holds, or that cannot
+    be read (cut short by a power loss), are deleted."""
     storage.make_dirs(files)
     found = _shard_files(files)
+    for r, path in list(found.items()):
+        if not readable(path):
+            storage.delete_file(path)
+            del found[r]
     _, redundant, missing = tile(list(found), total)
     for r in redundant:
         storage.delete_file(found[r])
@@ -541,7 +559,12 @@ def _check_rows(files: str, total: int, per_row: Count, wide: bool = False) -> d
         kept = [(0, 0)]
 
     def footer(r: Range) -> tuple[Range, int, dict]:
-        meta = open_parquet(found[r]).metadata
+        try:
+            meta = open_parquet(found[r]).metadata
+        except (OSError, pa.ArrowInvalid):  # cut short (a power loss): answered again by the rerun
+            storage.delete_file(found[r])
+            raise RuntimeFailure(f"{found[r]} could not be read and was deleted: rerun the same command to "
+                                 "answer its rows again") from None
         return r, meta.num_rows, json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}")).get("shard", {})
 
     counts = dict.fromkeys(_COUNTS, 0)

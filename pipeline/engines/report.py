@@ -132,21 +132,26 @@ def current_rss_mb() -> float:
 INPUT_STAGES = ("read", "tokenize", "batch")  # the producer thread
 
 
-DEVICE_STAGES = ("infer_launch", "infer_wait", "merge", "write")  # the device loop, besides waiting for input
+DEVICE_STAGES = ("infer_launch", "infer_wait")  # the device loop, besides waiting for input or the writer
+
+
+OUTPUT_STAGES = ("merge", "write")  # the writer thread
 
 
 def bottleneck(stage_seconds: dict) -> str:
-    """Which stage set the pace: the device loop's busiest stage, unless it spent more than
-    a fifth of its time waiting for batches, then the producer's busiest stage."""
-    loop = sum(stage_seconds.get(k, 0.0) for k in DEVICE_STAGES)
-    waited = stage_seconds.get("wait_for_input", 0.0)
-    if loop + waited <= 0:
+    """Which stage set the pace: the device loop's model time, unless the loop spent more than a
+    fifth of its time waiting for batches (then the producer's busiest stage) or for the writer
+    to take a window (then merge or write, whichever took longer)."""
+    busy = sum(stage_seconds.get(k, 0.0) for k in DEVICE_STAGES)
+    waited_in, waited_out = stage_seconds.get("wait_for_input", 0.0), stage_seconds.get("wait_for_writer", 0.0)
+    total = busy + waited_in + waited_out
+    if total <= 0:
         return ""
-    if waited > 0.2 * (loop + waited):
+    if waited_in > 0.2 * total and waited_in >= waited_out:
         return max(INPUT_STAGES, key=lambda k: stage_seconds.get(k, 0.0))
-    infer = stage_seconds.get("infer_launch", 0.0) + stage_seconds.get("infer_wait", 0.0)
-    return max([("model", infer), ("merge", stage_seconds.get("merge", 0.0)),
-                ("write", stage_seconds.get("write", 0.0))], key=lambda kv: kv[1])[0]
+    if waited_out > 0.2 * total:
+        return max(OUTPUT_STAGES, key=lambda k: stage_seconds.get(k, 0.0))
+    return "model"
 
 
 def padding_efficiency(progress: Progress) -> float:

@@ -37,6 +37,7 @@ from ..errors import RuntimeFailure, UsageError
 from ..stages.read import InputPlan
 from ..stages.wide import Pivot
 from ..stages.write import count_answers, read_metadata
+from . import commit
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d{12})\.parquet$")
@@ -82,6 +83,13 @@ def describe_difference(old: dict, new: dict) -> str:
         return "the inputs are given in another order"
     if old.get("model") != new.get("model"):
         return f"the model differs: {old.get('model')} then, {new.get('model')} now"
+    if old.get("versions") != new.get("versions"):
+        if "versions" not in old:
+            return "the interrupted run was made by an older qa-batch that did not record its versions"
+        then, now = old["versions"], new.get("versions", {})
+        changed = [f"{k} {then.get(k)} then, {now.get(k)} now" for k in sorted(set(then) | set(now))
+                   if then.get(k) != now.get(k)]
+        return "what computes the answers changed since the interrupted run: " + "; ".join(changed)
     for key in sorted(set(old.get("options", {})) | set(new.get("options", {}))):
         a, b = old.get("options", {}).get(key), new.get("options", {}).get(key)
         if a != b:
@@ -94,13 +102,30 @@ def describe_difference(old: dict, new: dict) -> str:
     return "the output schema differs"
 
 
+def output_job_id(output: str) -> str | None:
+    """The job id a finished qa-batch output carries: a file's metadata, or a directory's
+    `_SUCCESS` (--engine ray). None for anything else (not there, unfinished, not ours)."""
+    try:
+        if storage.is_file(output):
+            return read_metadata(output).get("job_id")
+        return (commit.read_success(output) or {}).get("job_id")
+    except (OSError, ValueError, KeyError, pa.ArrowInvalid):  # not a qa-batch output: not ours
+        return None
+
+
 def _is_output_of(manifest: dict | None, output: str) -> bool:
     """Does `output` carry the job id of `manifest` (the output that job wrote)?"""
-    if manifest is None or not storage.is_file(output):
-        return False
+    return manifest is not None and manifest.get("job_id") is not None and output_job_id(output) == manifest["job_id"]
+
+
+def readable(path: str) -> bool:
+    """Can a Parquet file's footer be read? A part cut short (a power loss before its bytes
+    reached the disk) cannot: it is treated as missing and its rows are answered again."""
     try:
-        return read_metadata(output).get("job_id") == manifest.get("job_id")
-    except (OSError, ValueError, KeyError):  # not a qa-batch output: not ours
+        fs, inner = storage.locate(path)
+        pq.read_metadata(inner, filesystem=fs)
+        return True
+    except (OSError, pa.ArrowInvalid):
         return False
 
 
@@ -151,6 +176,9 @@ class WorkDir:
                 for name in self._names():  # a part whose move never happened
                     if name.endswith(".tmp"):
                         storage.delete_file(self._file(name))
+                for _, part in self.parts():
+                    if not readable(part):
+                        storage.delete_file(part)
                 return Opened.RESUMED
             if not finished:
                 raise UsageError(
@@ -164,6 +192,23 @@ class WorkDir:
         storage.write_bytes_atomic(self._file(MANIFEST),
                                    json.dumps({**manifest, "job_id": self.job_id}, indent=1, sort_keys=True).encode())
         return Opened.NEW
+
+    def open_for(self, manifest: dict, output: str, restart: bool, overwrite: bool) -> Opened:
+        """What a run does with this work directory and its output path, decided in one place
+        for both engines (README: "What a rerun does"):
+
+            work directory holds     output                     the run
+            this job                 carries this job's id      FINISHED: only the clean-up is left
+            this job                 anything else              RESUMED: answers the rows no part holds
+            another job, unfinished  any                        refused (exit 2): rerun it, or --restart
+            another job, finished,   exists (not this job's)    refused (exit 2) unless --overwrite
+              or nothing             absent, or --overwrite     NEW
+        """
+        opened = self.open(manifest, restart, output)
+        if opened is Opened.NEW and storage.exists(output) and not overwrite:
+            # leftovers of another, finished job were cleared: its output is not ours to replace
+            raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
+        return opened
 
     def _names(self) -> list[str]:
         return [storage.basename(f) for f in storage.list_files(self.path)] if storage.is_dir(self.path) else []
@@ -197,6 +242,7 @@ class WorkDir:
             tmp = storage.with_suffix(path, ".tmp")
             fs, inner = storage.locate(tmp)
             pq.write_table(table, inner, compression="zstd", filesystem=fs)
+            storage.sync(tmp)
             faults.point("part_written")
             storage.move(tmp, path)
         except OSError as e:
@@ -220,12 +266,18 @@ class WorkDir:
             with pq.ParquetWriter(inner, pivot.schema if pivot else schema, compression="zstd",
                                   filesystem=fs) as writer:
                 for _, path in self.parts():
-                    table = storage.read_table(path, schema=schema)
+                    try:
+                        table = storage.read_table(path, schema=schema)
+                    except pa.ArrowInvalid:  # cut short (a power loss): its rows are answered again
+                        storage.delete_file(path)
+                        raise RuntimeFailure(f"the part {path} could not be read and was deleted: rerun the same "
+                                             "command to answer its rows again") from None
                     writer.write_table(pivot(table) if pivot else table)
                     for key, n in count_answers(table).items():
                         counts[key] += n
                     faults.point("assembling")
                 writer.add_key_value_metadata({"qa_batch": metadata_for(counts)})
+            storage.sync(tmp)
         except OSError as e:
             if storage.exists(tmp):
                 storage.delete_file(tmp)

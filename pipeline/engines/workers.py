@@ -62,7 +62,7 @@ def _worker(job: Job, key: str, device: str, threads: int, tasks, results, stop,
             "max_positions": loaded.max_positions, "model_rss_mb": current_rss_mb(),
         }))
         try:
-            answer_ranges(stages, job, iter(tasks.get, None), progress,
+            answer_ranges(stages, job.target(), iter(tasks.get, None), progress,
                           lambda n: results.put(("rows", key, n)), stop)
         finally:
             stages.predictor.close()

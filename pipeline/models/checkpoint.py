@@ -115,15 +115,20 @@ def not_in_cache(model_id: str, local: str = "a local directory holding the chec
 
 
 def content_hash(directory: str) -> str:
-    """sha256 over a local checkpoint's config and weights, so outputs name the exact model."""
+    """sha256 over every file of a local checkpoint that loading may read: the config, the
+    weights however saved (one file, shards and their index, variants), the tokenizer's files
+    and vocabulary. Only hidden files and READMEs are left out. Outputs, resumes, ONNX exports
+    and calibrations name the exact model by it: retrained into the same folder, it changes."""
     h = hashlib.sha256()
-    for name in ("config.json",) + _WEIGHT_FILES:
+    for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            h.update(name.encode())
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
+        if name.startswith(".") or name.lower().startswith("readme") or not os.path.isfile(path):
+            continue
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        h.update(b"\0")
     return "sha256:" + h.hexdigest()
 
 

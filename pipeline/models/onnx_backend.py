@@ -249,7 +249,7 @@ def load_session(loaded, quantize: str) -> OrtQAModel:
             else:
                 log.warning("exporting %s to ONNX for onnxruntime (once; kept in %s)", loaded.model_id, folder)
             try:
-                build_entry(loaded, quantize, m, folder)
+                build_entry(loaded, quantize, m, folder, replace_bad=problem != "missing")
             except UsageError:
                 raise
             except Exception as e:  # ExportError, or whatever else the model's code raised on the way
@@ -275,8 +275,9 @@ def new_session(ort, path: str):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def build_entry(loaded, quantize: str, m: dict, folder: str) -> None:
-    """Export (and quantize) into a temporary folder beside `folder`, then rename it into place."""
+def build_entry(loaded, quantize: str, m: dict, folder: str, replace_bad: bool = False) -> None:
+    """Export (and quantize) into a temporary folder beside `folder`, then rename it into place;
+    `replace_bad`: the entry there is known not to work, even if it passes its checksum."""
     root = os.path.dirname(folder)
     try:
         os.makedirs(root, exist_ok=True)
@@ -295,7 +296,7 @@ def build_entry(loaded, quantize: str, m: dict, folder: str) -> None:
             if f32_problem is not None:
                 if f32_problem != "missing":
                     log.warning("the ONNX cache entry %s is %s: rebuilding it", f32_folder, f32_problem)
-                build_entry(loaded, "none", f32, f32_folder)
+                build_entry(loaded, "none", f32, f32_folder, replace_bad=f32_problem != "missing")
             quantize_int8(os.path.join(f32_folder, MODEL_FILE), model_path)
         else:
             export_float32(loaded, model_path, tmp)
@@ -304,7 +305,7 @@ def build_entry(loaded, quantize: str, m: dict, folder: str) -> None:
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         os.chmod(tmp, 0o755)  # mkdtemp's folder is private; a cache may be shared
-        _move_into_place(tmp, folder, m)
+        _move_into_place(tmp, folder, m, replace_bad)
     except OSError as e:
         raise UsageError(f"--backend onnxruntime: cannot write the ONNX cache {root} ({e}): set "
                          "QA_BATCH_CACHE to a writable directory") from None
@@ -312,9 +313,9 @@ def build_entry(loaded, quantize: str, m: dict, folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _move_into_place(tmp: str, folder: str, m: dict) -> None:
+def _move_into_place(tmp: str, folder: str, m: dict, replace_bad: bool = False) -> None:
     if os.path.isdir(folder):
-        if entry_problem(folder, m) is None:
+        if not replace_bad and entry_problem(folder, m) is None:
             return  # another run finished the same entry meanwhile
         trash = os.path.join(os.path.dirname(folder), f".trash-{uuid.uuid4().hex}")
         with contextlib.suppress(OSError):

@@ -228,7 +228,7 @@ def answers_metadata(answers_path: str) -> dict:
 
     path = answers_path
     if storage.is_dir(answers_path):
-        files = sorted(f for f in storage.list_files(answers_path) if f.endswith(".parquet"))
+        files = sorted(f for f in storage.list_files(answers_path) if storage.basename(f).endswith(".parquet"))
         path = files[0] if files else answers_path
     try:
         return read_metadata(path)

@@ -120,7 +120,7 @@ def _read(path: str) -> tuple[list[str | None], list[str | None] | None]:
                                                                         column_types={"question": pa.string(),
                                                                                       "field": pa.string()}))
         elif name.endswith(".txt"):
-            text = storage.read_bytes(path).decode("utf-8")
+            text = storage.read_bytes(path).decode("utf-8-sig")  # a BOM (Windows editors) is not text
             return [line for line in text.splitlines() if line.strip()], None
         else:
             raise UsageError(f"{where}: give a .txt file (one question a line), or a .csv or .parquet table "

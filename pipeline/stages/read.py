@@ -178,6 +178,9 @@ def plan_inputs(
     """Resolve the inputs and check every file's schema; raise UsageError on the first problem.
 
     With `questions` the inputs need no question column: every row is asked the list."""
+    twice = sorted({c for c in keep_columns if keep_columns.count(c) > 1})
+    if twice:
+        raise UsageError(f"--keep-columns names {', '.join(twice)} more than once: name each column once")
     files = resolve_inputs(specs)
     schemas = [(f, *_read_schema(f)) for f in files]
 
@@ -197,7 +200,8 @@ def plan_inputs(
                 found = ", ".join(schema.names) or "(none)"
                 hint = {
                     passage_col: " (set its name with --passage-col)",
-                    question_col: " (set its name with --question-col)",
+                    question_col: " (set its name with --question-col, or ask every row the same questions "
+                                  "with --questions FILE or --question TEXT)",
                     id_col: " (set its name with --id-col)",
                 }.get(col, "")
                 raise UsageError(f"{path}: column {col!r} is missing{hint}; columns found: {found}")
