@@ -2,6 +2,10 @@
 loudly, the reports go under $OUT, and the exit code is 1 if any failed.
 
     python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --out $OUT [--trained DIR --cpu-answers DIR]
+    python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --device cpu     # a dry run of the plumbing, no GPU
+
+With --device cpu every check runs with cpu in place of cuda (the synchronisation check,
+which needs CUDA, is skipped): it proves the script itself before GPU time is spent on it.
 
 Checks (issue 27): no host read in a padded or unpadded forward and span search on CUDA
 (torch.cuda.set_sync_debug_mode), `--devices cuda,cuda` (and cuda:0,cuda:1 on two GPUs)
@@ -29,6 +33,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
+DEVICE = "cuda"  # --device cpu: the dry run
 
 
 def check(name):
@@ -88,8 +93,9 @@ def no_sync(tiny: str) -> dict:
 @check("--devices cuda,cuda equals cuda:0")
 def two_workers(tiny: str, sample: str, work: str) -> dict:
     common = ["--model", tiny, "--dtype", "float32", "--top-k", "2", "--rows-per-window", "8", "--overwrite"]
-    cli("run", sample, "-o", f"{work}/one.parquet", "--device", "cuda:0", *common)
-    pairs = ["cuda,cuda"] + (["cuda:0,cuda:1"] if torch.cuda.device_count() > 1 else [])
+    cli("run", sample, "-o", f"{work}/one.parquet", "--device", f"{DEVICE}:0" if DEVICE == "cuda" else DEVICE,
+        *common)
+    pairs = [f"{DEVICE},{DEVICE}"] + (["cuda:0,cuda:1"] if DEVICE == "cuda" and torch.cuda.device_count() > 1 else [])
     for devices in pairs:
         cli("run", sample, "-o", f"{work}/{devices}.parquet", "--devices", devices, *common)
         same_answers(f"{work}/{devices}.parquet", f"{work}/one.parquet")
@@ -101,24 +107,25 @@ def position_cap(work: str, sample: str) -> dict:
     from tiny_models import make_checkpoint
 
     short = make_checkpoint(f"{work}/short", "bert", max_position_embeddings=100)
-    for device in ("cpu", "cuda"):
-        cli("run", sample, "-o", f"{work}/short-{device}.parquet", "--model", short, "--device", device,
+    for name, device in (("reference", "cpu"), ("device", DEVICE)):
+        cli("run", sample, "-o", f"{work}/short-{name}.parquet", "--model", short, "--device", device,
             "--dtype", "float32", "--max-seq-len", "100", "--doc-stride", "32", "--overwrite")
-    return same_answers(f"{work}/short-cuda.parquet", f"{work}/short-cpu.parquet")
+    return same_answers(f"{work}/short-device.parquet", f"{work}/short-reference.parquet")
 
 
 @check("out of memory inside the engine: same answers, oom_splits > 0 (local and Ray)")
 def oom_in_engine(tiny: str, sample: str, work: str) -> dict:
     common = ["--model", tiny, "--dtype", "float32", "--batch-size", "16", "--overwrite"]
-    cli("run", sample, "-o", f"{work}/clean.parquet", "--device", "cuda", *common)
+    cli("run", sample, "-o", f"{work}/clean.parquet", "--device", DEVICE, *common)
     splits = {}
-    for engine, extra in (("local", ["--device", "cuda"]), ("ray", ["--engine", "ray", "--num-gpus", "1"])):
+    ray_gpus = ["--num-gpus", "1"] if DEVICE == "cuda" else ["--num-gpus", "0", "--cpu-workers", "1"]
+    for engine, extra in (("local", ["--device", DEVICE]), ("ray", ["--engine", "ray", *ray_gpus])):
         out, report = f"{work}/oom-{engine}", f"{work}/oom-{engine}.json"
         cli("run", sample, "-o", out, *common, *extra, "--report", report, env={"QA_BATCH_OOM_ABOVE": "2"})
         same_answers(out, f"{work}/clean.parquet")
         splits[engine] = json.load(open(report))["oom_splits"]
     real = subprocess.run([sys.executable, os.path.join(HERE, "oom_check.py"), tiny], capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT)  # without CUDA it says so and exits 0
     return {"ok": all(v > 0 for v in splits.values()) and real.returncode == 0, "oom_splits": splits,
             "real_oom": real.stdout.strip()[-400:] + real.stderr[-400:]}
 
@@ -126,9 +133,10 @@ def oom_in_engine(tiny: str, sample: str, work: str) -> dict:
 @check("a Ray GPU actor answers as the local CUDA run")
 def ray_gpu(tiny: str, sample: str, work: str) -> dict:
     common = ["--model", tiny, "--dtype", "float32", "--top-k", "2", "--overwrite"]
-    cli("run", sample, "-o", f"{work}/local-cuda.parquet", "--device", "cuda", *common)
-    cli("run", sample, "-o", f"{work}/ray-cuda", "--engine", "ray", "--num-gpus", "1", *common)
-    return same_answers(f"{work}/ray-cuda", f"{work}/local-cuda.parquet")
+    ray_gpus = ["--num-gpus", "1"] if DEVICE == "cuda" else ["--num-gpus", "0", "--cpu-workers", "1"]
+    cli("run", sample, "-o", f"{work}/local-dev.parquet", "--device", DEVICE, *common)
+    cli("run", sample, "-o", f"{work}/ray-dev", "--engine", "ray", *ray_gpus, "--overwrite", *common[:-1])
+    return same_answers(f"{work}/ray-dev", f"{work}/local-dev.parquet")
 
 
 @check("trained model: float16 and bfloat16 on CUDA against CPU float32 (--top-k 3 --allow-null)")
@@ -139,9 +147,9 @@ def trained(model: str, inputs: str, cpu_answers: str, work: str) -> dict:
     out = {}
     ok = True
     for name in sorted(os.listdir(inputs)):
-        for dtype in ("float32", "float16", "bfloat16"):
+        for dtype in ("float32", "float16", "bfloat16") if DEVICE == "cuda" else ("float32",):
             got = f"{work}/{dtype}-{name}"
-            cli("run", f"{inputs}/{name}", "-o", got, "--model", model, "--device", "cuda", "--dtype", dtype,
+            cli("run", f"{inputs}/{name}", "-o", got, "--model", model, "--device", DEVICE, "--dtype", dtype,
                 "--top-k", "3", "--allow-null", "--overwrite", timeout=900)
             a, b = pq.read_table(f"{cpu_answers}/{name}").to_pylist(), pq.read_table(got).to_pylist()
             same = sum((x["answer_start"], x["answer_end"]) == (y["answer_start"], y["answer_end"]) for x, y in zip(a, b))
@@ -166,14 +174,18 @@ def main() -> int:
     ap.add_argument("--trained", help="the trained checkpoint")
     ap.add_argument("--inputs", help="folder of input .parquet files for the trained model")
     ap.add_argument("--cpu-answers", help="their CPU float32 answers (same file names), made before the call")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the plumbing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("FAIL: no CUDA device")
         return 1
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     sample = os.path.join(ROOT, "data", "sample.parquet")
-    no_sync(args.tiny)
+    if DEVICE == "cuda":
+        no_sync(args.tiny)
     two_workers(args.tiny, sample, args.work)
     position_cap(args.work, sample)
     oom_in_engine(args.tiny, sample, args.work)
@@ -181,7 +193,8 @@ def main() -> int:
     if args.trained:
         trained(args.trained, args.inputs, args.cpu_answers, args.work)
     with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": RESULTS}, f, indent=2)
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+        json.dump({"device": name, "torch": torch.__version__, "checks": RESULTS}, f, indent=2)
     failed = [k for k, v in RESULTS.items() if not v["ok"]]
     print(f"gpu checks: {len(RESULTS) - len(failed)} passed, {len(failed)} failed" + (f": {failed}" if failed else ""))
     return 1 if failed else 0

@@ -118,7 +118,7 @@ def run(
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it.", rich_help_panel="Input and output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line.", rich_help_panel="Running"),
-    engine: str = typer.Option("local", help="local, or ray: Ray Data actors (pip install 'qa-batch\\[ray]'); "
+    engine: str = typer.Option("local", help="local, or ray: Ray Data actors (pip install -e '.\\[ray]' in a checkout); "
                                "the output is then a directory of Parquet files.", rich_help_panel="Cluster"),
     ray_address: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Cluster",
         help="Ray cluster to join (e.g. auto); default: start a local Ray instance."),
@@ -365,10 +365,22 @@ def eval_command(
     if r.calibration:
         c, b, a = r.calibration, r.calibration["before"], r.calibration["after"]
         bias = "none" if c["null_bias"] is None else f"{c['null_bias']:.3f}"
-        lines.append(f"{'fitted' if fitted else 'with'} calibration {c['path']} (null bias {bias}) on "
+        def auc(m: dict) -> str:
+            return "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+
+        kind = f", {c['calibrator']} calibrator" if c.get("calibrator") else ""
+        lines.append(f"{'fitted' if fitted else 'with'} calibration {c['path']} (null bias {bias}{kind}) on "
                      f"{plural(c['rows'], 'row')}: F1 {b['f1']:.2f} -> {a['f1']:.2f}, ECE {b['ece']:.3f} -> "
-                     f"{a['ece']:.3f}, Brier {b['brier']:.3f} -> {a['brier']:.3f}")
+                     f"{a['ece']:.3f}, Brier {b['brier']:.3f} -> {a['brier']:.3f}, AUC {auc(b)} -> {auc(a)}")
+        for level, kept in a.get("levels", {}).items():
+            right = "none kept" if kept["right"] is None else f"{100 * kept['right']:.0f}% of them right"
+            lines.append(f"  calibrated confidence >= {level}: {100 * kept['kept']:.0f}% of rows, {right}")
         lines += [f"note: the calibration was fitted for another run: {m}" for m in c["mismatches"]]
+        lines += [f"warning: {w}" for w in c.get("warnings", [])]
+        if c.get("already_calibrated"):
+            lines.append(f"note: these answers were made with a calibration ({c['already_calibrated']}): 'before' "
+                         "is that calibration's confidence, not the raw softmax share; to compare with the raw "
+                         "share, evaluate answers made without --calibration")
     typer.echo("\n".join(lines))
     if json_path:
         with open(json_path, "w") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 
@@ -35,7 +36,6 @@ def planted_labels(rng, logits: RowLogits, bias: float, p_true: np.ndarray):
     return has_answer, span_f1
 
 
-@settings(max_examples=12, deadline=None)
 @given(st.lists(st.floats(-1.5, 1.5), min_size=4, max_size=4), st.floats(-1.0, 1.0), st.integers(0, 2**31))
 def test_fit_recovers_a_known_logistic_law(weights, intercept, seed):
     rng = np.random.default_rng(seed)
@@ -208,7 +208,7 @@ def test_run_with_a_calibration_changes_only_confidence_and_null_decisions(fitte
     (["--max-seq-len", 96], "--max-seq-len 96, fitted with 128"),
     (["--doc-stride", 16], "--doc-stride 16, fitted with 32"),
     (["--quantize", "int8", "--device", "cpu"], "--quantize int8, fitted with none"),
-    (["--backend", "onnxruntime", "--device", "cpu"], "--backend onnxruntime, fitted with torch"),
+    (["--backend", "onnxruntime", "--quantize", "int8", "--device", "cpu"], "--backend onnxruntime, fitted with torch"),
     (["--null-threshold", 1.5], "drop --null-threshold"),
     ("other model", "fitted for"),
 ])
@@ -313,6 +313,92 @@ def test_an_option_the_fitted_run_did_not_record_is_not_compared(fitted):
     assert cal.options["backend"] == "torch"
     older = dataclasses.replace(cal, options={k: v for k, v in cal.options.items() if k != "backend"})
     unrecorded = dataclasses.replace(cal, options={**cal.options, "backend": None})
-    run = {**cal.options, "backend": "onnxruntime"}
-    assert cal.mismatches(None, run) == ["--backend onnxruntime, fitted with torch"]
-    assert older.mismatches(None, run) == [] and unrecorded.mismatches(None, run) == []
+    run = {**cal.options, "backend": "onnxruntime", "quantize": "int8"}
+    assert cal.mismatches(None, run) == ["--quantize int8, fitted with none", "--backend onnxruntime, fitted with torch"]
+    assert older.mismatches(None, run) == unrecorded.mismatches(None, run) == ["--quantize int8, fitted with none"]
+
+
+def test_a_float32_calibration_applies_to_both_float32_backends(fitted):
+    """Issue 22: ONNX Runtime float32 gives PyTorch float32's spans (208/208 measured): no
+    --force-calibration between them; int8 paths keep different answers and stay refused."""
+    cal = calibrate.load(str(fitted["dir"] / "cal.json"))
+    assert cal.mismatches(None, {**cal.options, "backend": "onnxruntime"}) == []
+    assert cal.mismatches(None, {**cal.options, "backend": "onnxruntime", "quantize": "int8"}) != []
+
+
+# ---- issue 22: a calibrator that never ranks worse than the raw confidence; README's
+# definitions worked by hand, not through the code under test (issue 26 item 2) ----
+
+def test_the_four_features_by_hand():
+    """README: share among every candidate and n' = null - b; margin |span - n'|; is_null; gap."""
+    logits = RowLogits(span_score=[5.0], runner_up=[3.0], null_score=[1.0], log_norm=[math.log(math.e ** 5 +
+                                                                                              math.e ** 3)])
+    share, margin, null, gap = calibrate.features(logits, null_bias=0.5)[0]
+    assert share == pytest.approx(math.e ** 5 / (math.e ** 5 + math.e ** 3 + math.e ** 0.5))
+    assert (margin, null, gap) == (pytest.approx(4.5), 0.0, pytest.approx(2.0))
+    # null when null - span > b: 1 - (-1) = 2 > 0.5; its share is n' over every candidate and n'
+    logits = RowLogits(span_score=[-1.0], runner_up=[float("nan")], null_score=[1.0], log_norm=[-1.0])
+    share, margin, null, gap = calibrate.features(logits, null_bias=0.5)[0]
+    assert share == pytest.approx(math.e ** 0.5 / (math.e ** -1 + math.e ** 0.5))
+    assert (margin, null, gap) == (pytest.approx(1.5), 1.0, calibrate.GAP_CAP)  # no runner-up: the cap
+
+
+def test_right_means_f1_at_least_a_half_or_null_when_unanswerable():
+    null = np.array([False, False, True, True])
+    has = np.array([True, True, False, True])
+    f1 = np.array([0.5, 0.49, 0.0, 1.0])
+    assert calibrate.correct(null, has, f1).tolist() == [True, False, True, False]
+
+
+def test_auc_by_hand():
+    assert calibrate.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert calibrate.auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)  # a tie counts half
+    assert math.isnan(calibrate.auc([0.2, 0.3], [1, 1]))
+
+
+def synthetic(n: int, seed: int, rule: str) -> tuple[RowLogits, np.ndarray]:
+    """Rows with random logits and a label drawn from `rule`: right by share, by gap alone, or by chance."""
+    rng = np.random.default_rng(seed)
+    span = rng.normal(5, 2, n)
+    runner = span - rng.exponential(2, n)
+    null = rng.normal(0, 2, n)
+    log_norm = np.logaddexp(span, runner) + rng.exponential(1, n)
+    logits = RowLogits(span_score=span, runner_up=runner, null_score=null, log_norm=log_norm)
+    share = calibrate.features(logits, None)[:, 0]
+    p = {"share": share, "gap": 1 / (1 + np.exp(-(span - runner - 2) * 2)), "chance": np.full(n, 0.5)}[rule]
+    return logits, rng.random(n) < p
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), rule=st.sampled_from(["share", "gap", "chance"]))
+def test_the_share_calibrator_keeps_the_raw_ranking_and_features_must_win_held_out(seed, rule):
+    logits, right = synthetic(400, seed, rule)
+    kind, l2, scored = calibrate.choose_calibrator(logits, right, None)
+    raw = calibrate.features(logits, None)[:, 0]
+    x = calibrate.design(logits, None, "share")
+    intercept, w, mean, scale = calibrate.fit_logistic(x, right, l2=1.0, monotone=True)
+    p = calibrate._sigmoid(intercept + ((x - mean) / scale) @ w)
+    order = np.argsort(raw, kind="stable")
+    assert np.all(np.diff(p[order]) >= -1e-12)  # a monotone map of the raw share: the same ranking
+    assert w[0] > 0
+    if kind == "features":  # kept only where it won held out on both counts
+        assert scored["features"]["cv_log_loss"] < scored["share"]["cv_log_loss"]
+        assert scored["features"]["cv_auc"] >= scored["share"]["cv_auc"]
+    if rule == "gap":  # the share says little here, the gap a lot: the features win
+        assert kind == "features"
+
+
+def test_a_calibration_of_a_model_with_nothing_to_rank_says_so(tmp_path):
+    logits, right = synthetic(300, 1, "chance")
+    cal = calibrate.fit(logits, np.ones(300, bool), np.where(right, 1.0, 0.0), None, model={"id": "m"},
+                        options={}, confidence_before=calibrate.features(logits, None)[:, 0],
+                        null_before=np.zeros(300, bool), fitted_on={})
+    assert cal.calibrator == "share"
+    assert any("no better than chance" in w or "barely varies" in w for w in cal.metrics["warnings"])
+    after = cal.metrics["after"]
+    assert after["auc"] == pytest.approx(cal.metrics["null_bias_only"]["auc"], abs=1e-9)  # never ranks worse
+    path = tmp_path / "cal.json"
+    path.write_text(cal.to_json())
+    again = calibrate.load(str(path))  # a share calibrator survives its file
+    assert again.calibrator == "share" and again.features == ("share_logit",)
+    np.testing.assert_allclose(again.probability(logits), cal.probability(logits))

@@ -279,9 +279,12 @@ def check(loaded: LoadedModel, passages, questions, o: dict, exact: bool) -> Non
                 assert p[a["start"] : a["end"]] == a["text"]
                 assert scores[(a["start"], a["end"])] == pytest.approx(a["score"], abs=TOL)
             assert len({(a["start"], a["end"]) for a in got}) == len(got)
-            null_share = math.exp(ref["null_score"] - ref["span_norm"]) if o["allow_null"] else 0.0
-            total = sum(a["confidence"] for a in got) + (row["confidence"] if row["answer"] is None else 0.0)
-            assert total <= 1.0 + TOL and null_share >= 0.0
+            # every candidate's share, the null candidate's included, sums to at most 1
+            null_share = (math.exp(ref["null_score"] - np.logaddexp(ref["span_norm"], ref["null_score"]))
+                          if o["allow_null"] else 0.0)
+            if row["answer"] is None and o["allow_null"]:
+                assert row["confidence"] == pytest.approx(null_share, abs=TOL)
+            assert sum(a["confidence"] for a in got) + null_share <= 1.0 + TOL
 
 
 rows_of = st.integers(1, 6).flatmap(lambda n: st.tuples(st.lists(texts(), min_size=n, max_size=n),

@@ -51,7 +51,7 @@ def test_every_help_text_and_paragraph_is_shown_whole(command):
 
 def test_brackets_in_help_survive():
     lines = rendered_help("run")
-    assert on_one_line("Ray Data actors (pip install 'qa-batch[ray]')", lines)
+    assert on_one_line("Ray Data actors (pip install -e '.[ray]' in a checkout)", lines)
     assert on_one_line("inputs = [...]", lines)
     assert on_one_line("(<output>.partial/)", lines)
 
@@ -68,7 +68,7 @@ def test_help_looks_as_in_typers_docs():
     assert on_one_line("│ --allow-null --no-allow-null Allow 'no answer'", lines)
     assert on_one_line("│ --max-seq-len INTEGER Tokens per chunk", lines)
     assert on_one_line("│ --null-threshold FLOAT Margin the null score", lines)
-    assert on_one_line("│ --output -o TEXT Output Parquet file.", lines)
+    assert on_one_line("│ --output -o TEXT Output Parquet file (with --engine ray, a", lines)
     assert on_one_line("│ * INPUT... TEXT Parquet files, directories of Parquet files", lines)
     top = rendered_help()
     assert "Usage: qa-batch [OPTIONS] COMMAND [ARGS]..." in top

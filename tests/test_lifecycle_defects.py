@@ -219,3 +219,30 @@ def test_a_publish_killed_between_its_last_two_steps_leaves_nothing_aside(sample
     r = run_cli("run", sample24, "-o", out, "--model", bert_dir, *FAST, *RAY, "--top-k", "2", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"] and "answers" in pq.read_table(out).column_names
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_an_empty_csv_question_list_says_so_in_qa_batchs_words(tmp_path, content):
+    """Issue 22: pyarrow's threaded reader aborted the process (exit 134) about 1 run in 4; a file of
+    blank lines gave pyarrow's 'cannot infer number of columns'."""
+    from pipeline.errors import UsageError
+    from pipeline.stages.questions import load
+
+    path = tmp_path / "fields.csv"
+    path.write_bytes(content)
+    for _ in range(5):
+        with pytest.raises(UsageError, match="the file is empty: give a header line 'question'"):
+            load(str(path))
+
+
+def test_the_readme_ways_to_read_a_ray_output_folder_work(sample24, bert_dir, tmp_path):
+    """Issue 22: README said polars skips '_' files; pl.read_parquet of the folder fails on _SUCCESS."""
+    import polars as pl
+
+    out = tmp_path / "answers"
+    r = run_cli("run", sample24, "-o", out, "--model", bert_dir, *FAST, *RAY)
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).num_rows == 24  # pyarrow.parquet.read_table of the folder
+    assert pl.read_parquet(f"{out}/*.parquet").height == 24  # polars: a glob of the shard files
+    with pytest.raises(Exception):
+        pl.read_parquet(str(out))  # what README now warns about

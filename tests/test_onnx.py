@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -187,7 +188,7 @@ def test_without_onnxruntime_the_run_exits_2_naming_the_extra(tmp_path, bert_dir
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "qa-batch: error: --backend onnxruntime needs the onnxruntime package, which is not installed: "
-        "pip install 'qa-batch[onnxruntime]'")
+        "pip install onnxruntime onnx onnxscript (in a qa-batch checkout: pip install -e '.[onnxruntime]')")
     assert not (tmp_path / "out.parquet").exists()
 
 
@@ -252,3 +253,16 @@ def test_an_entry_that_passes_its_checksum_but_does_not_load_is_replaced(tmp_pat
         rebuilt = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
     assert "corrupt: it does not load" in caplog.text
     assert os.path.getsize(os.path.join(folder, "model.onnx")) > 1000 and rebuilt.model.path.startswith(cache)
+
+
+def test_what_a_killed_export_left_in_the_cache_is_pruned(tmp_path):
+    """Issue 22: a second Ctrl-C during an export left .tmp-* folders in the cache forever."""
+    root = tmp_path / "onnx"
+    (root / ".tmp-old").mkdir(parents=True)
+    (root / ".tmp-old" / "model.onnx").write_bytes(b"half an export")
+    (root / ".tmp-fresh").mkdir()  # another run's export in progress
+    (root / "abc123").mkdir()  # an entry
+    old = time.time() - 2 * onnx_backend.LEFTOVER_AGE_S
+    os.utime(root / ".tmp-old", (old, old))
+    assert onnx_backend.prune_leftovers(str(root)) == [str(root / ".tmp-old")]
+    assert sorted(os.listdir(root)) == [".tmp-fresh", "abc123"]

@@ -74,6 +74,16 @@ def cluster():
     ray.shutdown()
 
 
+def wait_until_no_actor_is_alive(timeout: float = 60) -> None:
+    """Until the cluster (the module's, which this process joined) has no live qa-batch actor."""
+    from ray._private import state  # the GCS's table of actors (the state API needs the dashboard)
+
+    deadline = time.monotonic() + timeout
+    while [a for a in state.actors().values() if a["State"] != "DEAD"]:
+        assert time.monotonic() < deadline, "the dead driver's actors were not ended"
+        time.sleep(0.1)
+
+
 def shard_files(directory) -> list[str]:
     return sorted(n for n in os.listdir(directory) if parse_shard_name(n)) if os.path.isdir(directory) else []
 
@@ -101,8 +111,9 @@ def run(cmd, **env) -> subprocess.CompletedProcess:
 
 def test_ray_engine_equals_the_local_engine_and_commits_with_success_last(inputs, bert_dir, local, tmp_path):
     out = tmp_path / "ray-out"
+    trace = tmp_path / "trace"
     r = run_cli("run", inputs, "-o", out, "--model", bert_dir, "--engine", "ray", "--cpu-workers", "2",
-                "--rows-per-batch", "16", *OPTIONS)
+                "--rows-per-batch", "16", *OPTIONS, env={"QA_BATCH_TRACE": str(trace)})
     assert r.returncode == 0, r.stderr
     assert "45 rows" in r.stderr
     assert "Ray plan: 2 CPU actors (" in r.stderr and ", fixed) on a cluster of" in r.stderr  # --cpu-workers 2
@@ -119,8 +130,13 @@ def test_ray_engine_equals_the_local_engine_and_commits_with_success_last(inputs
                              "answered": 16, "errors": 0}
     success = json.loads((out / "_SUCCESS").read_text())
     assert success["rows"] == success["rows_this_run"] == 45 and success["job_id"] == meta["job_id"]
-    assert os.stat(out / "_SUCCESS").st_mtime_ns >= max(os.stat(out / n).st_mtime_ns for n in names)  # last
-    assert sorted(os.listdir(tmp_path)) == ["ray-out"]  # no staging directory left
+    # issue 22: the actors' stage seconds, bottleneck and peak memory reach the summary
+    assert success["peak_rss_mb"] > 100 and success["bottleneck"] in ("model", "read", "tokenize", "batch",
+                                                                       "merge", "write")
+    assert success["stage_seconds"]["infer_wait"] + success["stage_seconds"]["infer_launch"] > 0
+    events = [line.split()[0] for line in trace.read_text().splitlines()]  # one file, appended in order
+    assert events.count("shard_written") == 3 and events[-1] == "success_written"  # _SUCCESS after every shard
+    assert sorted(os.listdir(tmp_path)) == ["ray-out", "trace"]  # no staging directory left
 
 
 def test_a_killed_driver_resumes_and_answers_no_shard_twice(small, cluster, tmp_path):
@@ -134,7 +150,7 @@ def test_a_killed_driver_resumes_and_answers_no_shard_twice(small, cluster, tmp_
     assert not out.exists()
     kept = shard_files(tmp_path / "out.partial" / "files")
     assert len(kept) >= 2
-    time.sleep(1)  # the cluster ends a dead driver's actors: nothing may write after this
+    wait_until_no_actor_is_alive()  # the cluster ends a dead driver's actors: nothing may write after this
     assert [parse_shard_name(n) for n in shard_files(tmp_path / "out.partial" / "files")] == \
         sorted(traced(first)["shard_written"])
 
@@ -271,5 +287,5 @@ def test_without_ray_the_ray_engine_says_which_extra_to_install(bert_dir, tmp_pa
     r = run_cli("run", SAMPLE, "-o", tmp_path / "out", "--model", bert_dir, "--engine", "ray",
                 env={"PYTHONPATH": str(tmp_path / "no-ray")})
     assert r.returncode == 2, r.stderr
-    assert "pip install 'qa-batch[ray]'" in r.stderr
+    assert "pip install 'ray[data]' (in a qa-batch checkout: pip install -e '.[ray]')" in r.stderr
     assert not (tmp_path / "out").exists()

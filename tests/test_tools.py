@@ -305,10 +305,14 @@ def test_cron_wrapper_runs_the_job_logs_and_never_overlaps(tmp_path, bert_dir):
     text = (tmp_path / "logs" / logs[0]).read_text()
     assert "starting" in text and "4 rows" in text and "exit code 0" in text
     # while one run holds the lock, a second one does not start
-    holder = subprocess.Popen(["flock", str(tmp_path / "lock"), "sleep", "5"])
+    ready = tmp_path / "holding"
+    holder = subprocess.Popen(["flock", str(tmp_path / "lock"), "sh", "-c", f"touch {ready}; sleep 30"])
     try:
         import time
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while not ready.exists():  # the holder has the lock once it runs its command
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.02)
         r = subprocess.run([script, str(tmp_path / "nightly.toml"), str(tmp_path / "logs")], cwd=ROOT, env=env,
                            capture_output=True, text=True)
         assert r.returncode == 75 and "still holds" in r.stderr

@@ -52,6 +52,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 def write_success(directory: str, content: dict) -> None:
     write_file_atomic(marker(directory), json.dumps(content, indent=1, sort_keys=True).encode())
+    faults.record("success_written", storage.basename(directory))
 
 
 def aside_path(output: str) -> str:

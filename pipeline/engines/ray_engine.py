@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import sys
@@ -59,7 +60,7 @@ from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
 from .job import Job, answer_identity, default_output, questions_metadata, versions
 from .loop import Target, answer_ranges
-from .report import Progress, RunSummary, write_report
+from .report import Progress, RunSummary, bottleneck, write_report
 from .resume import MANIFEST, input_fingerprint, output_job_id, readable
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
 
@@ -179,7 +180,7 @@ class RayAnswerer:
     def __call__(self, batch: dict) -> dict:
         if self.mismatch:
             raise RuntimeFailure(self.mismatch)
-        out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS, "oom_splits")}
+        out: dict[str, list] = {k: [] for k in ("start", "end", *_COUNTS, "oom_splits", "stages", "peak_rss_mb")}
         for start, end in zip(batch["start"], batch["end"]):
             start, end = int(start), int(end)
             faults.record("shard_started", f"{start}-{end}")
@@ -191,7 +192,8 @@ class RayAnswerer:
 
             # the local engine's loop: tokenizing, the model and merging overlap, every worker thread busy
             target = Target(self.config, self.plan, self.schema, keep, self.files)
-            answer_ranges(self.stages, target, [(start, end)], Progress(), lambda n: None)
+            progress = Progress()
+            answer_ranges(self.stages, target, [(start, end)], progress, lambda n: None)
             table = pa.concat_tables(tables) if tables else self.schema.empty_table()
             counts = count_answers(table)
             write_shard(self.files, start, end, self.pivot(table) if self.pivot else table,
@@ -200,6 +202,8 @@ class RayAnswerer:
             splits = self.stages.predictor.stats.oom_splits
             out["oom_splits"].append(splits - self.oom_splits)  # this shard's
             self.oom_splits = splits
+            out["stages"].append(json.dumps(dict(progress.stages)))  # seconds per stage, summed by the driver
+            out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             out["start"].append(start)
             out["end"].append(end)
             for k in _COUNTS:
@@ -289,7 +293,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise UsageError("--engine ray needs Ray Data: pip install 'qa-batch[ray]'") from None
+        raise UsageError("--engine ray needs Ray Data: pip install 'ray[data]' (in a qa-batch checkout: pip install -e '.[ray]')") from None
     return ray
 
 
@@ -373,6 +377,9 @@ def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before:
                          finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     summary.set_counts(counts, this_run)
     summary.oom_splits = this_run.get("oom_splits", 0)
+    summary.peak_rss_mb = round(this_run.get("peak_rss_mb", 0.0), 1)  # the largest actor's, model included
+    summary.stage_seconds = {k: round(v, 3) for k, v in sorted(this_run.get("stages", {}).items())}  # summed
+    summary.bottleneck = bottleneck(summary.stage_seconds)
     commit.write_success(rj.files, {**summary.as_dict(), "job_id": job.parts.job_id, "qa_batch_version": __version__})
 
 
@@ -630,6 +637,7 @@ def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPla
     consumer.start()
     cluster.waiting.append(consumer)
     this_run = collections.Counter({k: 0 for k in _COUNTS})
+    this_run_stages: collections.Counter = collections.Counter()
     bar = tqdm(total=rj.job.total_rows, initial=before.rows, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
@@ -641,10 +649,12 @@ def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPla
             except queue.Empty:
                 continue
             if item is _END:
-                return dict(this_run)
+                return {**this_run, "stages": dict(this_run_stages)}
             if isinstance(item, BaseException):
                 raise _job_failure(item, files)
             this_run.update({k: int(item[k]) for k in (*_COUNTS, "oom_splits")})
+            this_run_stages.update(json.loads(item["stages"]))
+            this_run["peak_rss_mb"] = max(this_run.get("peak_rss_mb", 0), float(item["peak_rss_mb"]))
             bar.update(plan.count_answers(int(item["rows"])).rows)  # the bar counts input rows
             faults.point("ray_shard_done")
     finally:

@@ -53,7 +53,7 @@ from ..errors import UsageError
 
 FORMAT = 1  # bump when the export steps change: entries made by older steps are rebuilt
 OPSET = 18
-EXTRA = "pip install 'qa-batch[onnxruntime]'"
+EXTRA = "pip install onnxruntime onnx onnxscript (in a qa-batch checkout: pip install -e '.[onnxruntime]')"
 BACKENDS = ("torch", "onnxruntime")
 MODEL_FILE, META_FILE = "model.onnx", "meta.json"
 OUTPUTS = ("start_logits", "end_logits")
@@ -240,6 +240,7 @@ def load_session(loaded, quantize: str) -> OrtQAModel:
     ort = _import_onnxruntime()
     m = material(loaded, quantize)
     root = cache_root()
+    prune_leftovers(root)
     folder = os.path.join(root, cache_key(m))
     problem = entry_problem(folder, m)
     for attempt in (1, 2):
@@ -263,6 +264,29 @@ def load_session(loaded, quantize: str) -> OrtQAModel:
             if attempt == 2:
                 raise UsageError(f"--backend onnxruntime: the exported model {folder} does not load: {e}") from None
             problem = f"corrupt: it does not load ({str(e).splitlines()[0][:200]})"
+
+
+LEFTOVER_AGE_S = 3600  # an export takes minutes: a .tmp- folder this old belongs to a run that was killed
+
+
+def prune_leftovers(root: str, now: float | None = None) -> list[str]:
+    """Delete what killed runs left in the cache (a second Ctrl-C during an export skips its
+    clean-up): `.tmp-*` and `.trash-*` folders untouched for an hour. A fresh one may be another
+    run's export in progress, so it stays. Returns what was deleted."""
+    if not os.path.isdir(root):
+        return []
+    now = time.time() if now is None else now
+    gone = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith((".tmp-", ".trash-")) and os.path.isdir(path):
+            try:
+                if now - os.stat(path).st_mtime > LEFTOVER_AGE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    gone.append(path)
+            except OSError:
+                continue
+    return gone
 
 
 def new_session(ort, path: str):

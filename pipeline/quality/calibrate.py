@@ -9,11 +9,17 @@ into one:
    the null score itself, n' = null_score - b, so the row is null exactly when n' beats the
    best span (null_score - span_score > b, the --null-threshold rule), and the null
    candidate's softmax share agrees with that decision.
-2. **Calibrator**: logistic (Platt) regression from a few per-row features to the
-   probability that the row's answer is right (F1 >= 0.5 against a gold answer, or null
-   for an unanswerable question):
+2. **Calibrator**: logistic (Platt) regression to the probability that the row's answer is
+   right (F1 >= 0.5 against a gold answer, or null for an unanswerable question):
 
        p = sigmoid(intercept + sum_j weight_j * (feature_j - mean_j) / scale_j)
+
+   Two candidates, and the fit keeps the one that predicts better on held-out rows
+   (5-fold cross-validated log-loss) without ranking answers worse (held-out area under the
+   ROC curve): `share`, Platt scaling of logit(share) alone with a weight kept positive, a
+   monotone map of the raw softmax share, so it ranks answers exactly as the raw confidence
+   does and can only fix its scale; and `features`, the four features below, kept only where
+   they win on both counts. A weak model leaves little to rank: the fit then says so.
 
    Features (FEATURES), from the logits every output row carries (score or the first of
    `answers`, runner_up_score, null_score, log_norm), with n' the biased null score:
@@ -50,6 +56,11 @@ if TYPE_CHECKING:  # for type hints only
 
 FORMAT = "qa-batch-calibration/1"
 FEATURES = ("share", "margin", "is_null", "gap")
+CALIBRATORS = {"share": ("share_logit",), "features": FEATURES}  # the inputs of each kind of calibrator
+SHARE_EPS = 1e-6  # logit(share) of a share of 0 or 1 stays finite
+# held-out log-loss (nats per row) the four features must save over `share` to be kept: on a sample
+# whose features say nothing, noise alone lets them win by a few thousandths (seen: up to 0.0009)
+SELECT_MARGIN = 0.005
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 GAP_CAP = 20.0  # logits: beyond this the runner-up no longer matters
 MARGIN_CAP = 40.0
@@ -93,6 +104,15 @@ def features(logits: RowLogits, null_bias: float | None) -> np.ndarray:
     return np.stack([np.clip(share, 0.0, 1.0), margin, null.astype(np.float64), gap], axis=1)
 
 
+def design(logits: RowLogits, null_bias: float | None, calibrator: str) -> np.ndarray:
+    """The calibrator's inputs: logit(share) for `share`, the FEATURES for `features`."""
+    x = features(logits, null_bias)
+    if calibrator == "share":
+        s = np.clip(x[:, 0], SHARE_EPS, 1 - SHARE_EPS)
+        return np.log(s / (1 - s))[:, None]
+    return x
+
+
 def softmax_share(logits: RowLogits, null_bias: float | None) -> np.ndarray:
     """The uncalibrated confidence under the null bias: the answer's share with n' as the null."""
     return features(logits, null_bias)[:, 0]
@@ -105,11 +125,13 @@ def correct(null: np.ndarray, has_answer: np.ndarray, span_f1: np.ndarray) -> np
 
 # ---- the logistic fit ----
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 100):
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 100, monotone: bool = False):
     """Weights minimising the log-loss + l2/2 |w|^2 (intercept free) over standardised x.
 
     Returns (intercept, weights, mean, scale). Newton steps (IRLS) converge in a few
-    iterations; the penalty keeps them finite when the data separate.
+    iterations; the penalty keeps them finite when the data separate. `monotone` (one
+    feature): its weight is kept positive, so the fitted map keeps the feature's order; a
+    sample where more of it means less often right gets the base rate, tilted by a hair.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mean = x.mean(axis=0)
@@ -127,10 +149,71 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
         w -= step
         if np.max(np.abs(step)) < 1e-9:
             break
+    if monotone and w[1] <= 0:
+        w[1] = 1e-6
+        w[0] = np.log((y.sum() + 0.5) / (len(y) - y.sum() + 0.5))
     return float(w[0]), w[1:], mean, scale
 
 
-def choose_l2(x: np.ndarray, y: np.ndarray, grid=L2_GRID, folds: int = 5, seed: int = 0) -> float:
+def held_out(x: np.ndarray, y: np.ndarray, l2: float, monotone: bool = False, folds: int = 5,
+             seed: int = 0) -> np.ndarray:
+    """Each row's probability from a calibrator fitted on the other folds (fixed seed)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    out = np.full(len(y), float(np.mean(y)) if len(y) else 0.5)
+    if len(y) < 2 * folds:
+        return out
+    for held in np.array_split(np.random.default_rng(seed).permutation(len(y)), folds):
+        train = np.ones(len(y), bool)
+        train[held] = False
+        intercept, w, mean, scale = fit_logistic(x[train], y[train], l2, monotone=monotone)
+        out[held] = _sigmoid(intercept + ((x[held] - mean) / scale) @ w)
+    return out
+
+
+def log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(np.asarray(p, np.float64), 1e-9, 1 - 1e-9)
+    y = np.asarray(y, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
+
+
+def auc(score: np.ndarray, right: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a right answer scores above a wrong one (ties
+    count half). NaN when the rows are all right or all wrong."""
+    s, y = np.asarray(score, np.float64), np.asarray(right, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def choose_calibrator(logits: RowLogits, y: np.ndarray, null_bias: float | None) -> tuple[str, float, dict]:
+    """(calibrator, its l2, what each candidate scored held out): `features` only where it beats
+    `share` on held-out log-loss by SELECT_MARGIN without a lower held-out AUC; else `share`."""
+    scored = {}
+    for kind in ("share", "features"):
+        x = design(logits, null_bias, kind)
+        l2 = choose_l2(x, y, monotone=kind == "share")
+        p = held_out(x, y, l2, monotone=kind == "share")
+        scored[kind] = {"l2": l2, "cv_log_loss": round(log_loss(p, y), 5), "cv_auc": round(auc(p, y), 4)}
+    f, sh = scored["features"], scored["share"]
+    better = (f["cv_log_loss"] < sh["cv_log_loss"] - SELECT_MARGIN
+              and not (f["cv_auc"] < sh["cv_auc"]))  # NaN AUC (all right or all wrong): not lower
+    kind = "features" if better else "share"
+    return kind, scored[kind]["l2"], scored
+
+
+def choose_l2(x: np.ndarray, y: np.ndarray, grid=L2_GRID, folds: int = 5, seed: int = 0,
+              monotone: bool = False) -> float:
     """The penalty of the grid with the least held-out log-loss over `folds` folds (fixed seed:
     the same rows give the same calibration)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -143,7 +226,7 @@ def choose_l2(x: np.ndarray, y: np.ndarray, grid=L2_GRID, folds: int = 5, seed: 
         for held in parts:
             train = np.ones(len(y), bool)
             train[held] = False
-            intercept, w, mean, scale = fit_logistic(x[train], y[train], l2)
+            intercept, w, mean, scale = fit_logistic(x[train], y[train], l2, monotone=monotone)
             p = np.clip(_sigmoid(intercept + ((x[held] - mean) / scale) @ w), 1e-9, 1 - 1e-9)
             loss -= float(np.sum(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
         losses.append(loss)
@@ -199,8 +282,9 @@ class Calibration:
     scale: tuple[float, ...]
     model: dict  # {"id", "revision"} of the model whose answers it was fitted on
     options: dict  # FITTED_OPTIONS as that run had them
-    features: tuple[str, ...] = FEATURES
+    features: tuple[str, ...] = FEATURES  # the calibrator's inputs: CALIBRATORS[calibrator]
     l2: float = 1.0  # the penalty cross-validation chose
+    calibrator: str = "features"  # "share" or "features" (files before the choice are "features")
     fitted_on: dict = field(default_factory=dict)  # answers, gold, rows, ids
     metrics: dict = field(default_factory=dict)  # on the fitted rows: before, null_bias_only, after
     created_at: str = ""
@@ -208,7 +292,7 @@ class Calibration:
 
     def probability(self, logits: RowLogits) -> np.ndarray:
         """The calibrated probability that each row's answer (under the null bias) is right."""
-        x = features(logits, self.null_bias)
+        x = design(logits, self.null_bias, self.calibrator)
         t = self.intercept + ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights)
         return _sigmoid(t)
 
@@ -220,7 +304,7 @@ class Calibration:
     def digest(self) -> str:
         """sha256 of the fitted parameters: names the calibration in output metadata and resume manifests."""
         params = [self.null_bias, self.intercept, list(self.weights), list(self.mean), list(self.scale),
-                  list(self.features)]
+                  list(self.features)] + ([self.calibrator] if self.calibrator != "features" else [])
         return "sha256:" + hashlib.sha256(json.dumps(params).encode()).hexdigest()
 
     def describe(self, path: str) -> dict:
@@ -240,6 +324,9 @@ class Calibration:
             out.append(f"model {model.get('id')} ({model.get('revision')}), fitted for {self.model.get('id')} "
                        f"({self.model.get('revision')})")
         for key in FITTED_OPTIONS:  # a key the fitted run did not record (an older qa-batch) is not compared
+            if key == "backend" and options.get("quantize", "none") == "none" and \
+                    self.options.get("quantize", "none") == "none":
+                continue  # float32 on PyTorch and on ONNX Runtime give the same spans (BENCHMARKS.md)
             if key in options and self.options.get(key) is not None and options[key] != self.options[key]:
                 out.append(f"--{key.replace('_', '-')} {options[key]}, fitted with {self.options[key]}")
         return out
@@ -262,7 +349,8 @@ def load(path: str) -> Calibration:
     except (OSError, FileNotFoundError) as e:
         raise UsageError(f"--calibration {path}: cannot read it ({e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--calibration {path}: not JSON ({e})") from None
+        raise UsageError(f"--calibration {path}: not JSON ({e}); it may have been cut short: refit it with "
+                         "qa-batch eval ANSWERS GOLD --fit-calibration PATH") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UsageError(f"--calibration {path}: not a qa-batch calibration (no \"format\": \"{FORMAT}\"); "
                          "make one with qa-batch eval ANSWERS GOLD --fit-calibration PATH")
@@ -272,15 +360,15 @@ def load(path: str) -> Calibration:
                              for k, v in d.items()})
     except TypeError as e:
         raise UsageError(f"--calibration {path}: unexpected content ({e})") from None
-    if tuple(cal.features) != FEATURES:
-        raise UsageError(f"--calibration {path}: features {list(cal.features)} are not this version's "
-                         f"{list(FEATURES)}: fit it again with this version")
+    if tuple(cal.features) != CALIBRATORS.get(cal.calibrator):
+        raise UsageError(f"--calibration {path}: a {cal.calibrator!r} calibrator of features {list(cal.features)} "
+                         "is not one this version knows: fit it again with this version")
     return cal
 
 
 def fit(logits: RowLogits, has_answer: np.ndarray, span_f1: np.ndarray, null_bias: float | None, *,
         model: dict, options: dict, confidence_before: np.ndarray, null_before: np.ndarray,
-        fitted_on: dict, l2: float | None = None, version: str = "") -> Calibration:
+        fitted_on: dict, l2: float | None = None, version: str = "", calibrator: str | None = None) -> Calibration:
     """Fit the calibrator under the given null bias (eval's best F1 threshold); l2 None: chosen
     by cross-validation.
 
@@ -291,25 +379,59 @@ def fit(logits: RowLogits, has_answer: np.ndarray, span_f1: np.ndarray, null_bia
     span_f1 = np.asarray(span_f1, np.float64)
     null = is_null(logits, null_bias)
     y = correct(null, has_answer, span_f1)
-    x = features(logits, null_bias)
-    l2 = choose_l2(x, y) if l2 is None else l2
-    intercept, w, mean, scale = fit_logistic(x, y, l2)
+    if calibrator is None:
+        calibrator, chosen_l2, selection = choose_calibrator(logits, y, null_bias)
+    else:
+        chosen_l2, selection = choose_l2(design(logits, null_bias, calibrator), y,
+                                         monotone=calibrator == "share"), {}
+    l2 = chosen_l2 if l2 is None else l2
+    intercept, w, mean, scale = fit_logistic(design(logits, null_bias, calibrator), y, l2,
+                                             monotone=calibrator == "share")
     cal = Calibration(null_bias=null_bias, intercept=intercept, weights=tuple(map(float, w)),
                       mean=tuple(map(float, mean)), scale=tuple(map(float, scale)), model=model,
-                      options={k: options.get(k) for k in FITTED_OPTIONS}, l2=l2, fitted_on=fitted_on,
+                      options={k: options.get(k) for k in FITTED_OPTIONS}, features=CALIBRATORS[calibrator],
+                      l2=l2, calibrator=calibrator, fitted_on=fitted_on,
                       created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       qa_batch_version=version)
     metrics = compare(cal, logits, has_answer, span_f1, confidence_before, null_before)
-    return dataclasses.replace(cal, metrics=metrics)
+    return dataclasses.replace(cal, metrics={**metrics, "selection": selection, "warnings": weak_signal(metrics)})
+
+
+def weak_signal(metrics: dict) -> list[str]:
+    """What a user should know before using the calibrated confidence for a threshold."""
+    after = metrics["after"]
+    out = []
+    if after.get("spread") is not None and after["spread"] < 0.05:
+        out.append(f"the calibrated confidence barely varies (standard deviation {after['spread']:.3f}): every "
+                   "answer gets about the sample's share of right answers, so a confidence threshold keeps or "
+                   "drops nearly all of them; the model's scores say little about which answers are right")
+    if after.get("auc") is not None and not after["auc"] > 0.55:
+        out.append(f"the confidence ranks right answers above wrong ones no better than chance (AUC "
+                   f"{after['auc']:.2f}): no threshold separates them")
+    return out
+
+
+LEVELS = (0.5, 0.7, 0.9)  # confidence thresholds whose coverage and accuracy eval reports
 
 
 def quality(confidence, null, has_answer, span_f1) -> dict:
-    """F1, EM-free summary of one way of answering: F1 (%), ECE, Brier, share right."""
+    """One way of answering, summarised: F1 (%), ECE, Brier, AUC (does confidence rank right
+    answers first?), its spread, share right, and for each level of LEVELS the share of rows
+    at or above it and how many of those are right."""
     right = correct(null, has_answer, span_f1)
+    conf = np.asarray(confidence, np.float64)
     f1 = np.where(null, ~has_answer, np.where(has_answer, span_f1, 0.0))
+    a = auc(conf, right)
+    levels = {}
+    for level in LEVELS:
+        kept = conf >= level
+        levels[str(level)] = {"kept": round(float(kept.mean()), 4) if len(conf) else None,
+                              "right": round(float(right[kept].mean()), 4) if kept.any() else None}
     return {"f1": round(100.0 * float(np.mean(f1)), 4) if len(f1) else None,
-            "ece": round(ece(confidence, right), 4), "brier": round(brier(confidence, right), 4),
-            "right": round(float(np.mean(right)), 4) if len(right) else None, "rows": int(len(right))}
+            "ece": round(ece(conf, right), 4), "brier": round(brier(conf, right), 4),
+            "auc": None if np.isnan(a) else round(a, 4), "spread": round(float(conf.std()), 4) if len(conf) else None,
+            "right": round(float(np.mean(right)), 4) if len(right) else None, "rows": int(len(right)),
+            "levels": levels}
 
 
 def compare(cal: Calibration, logits: RowLogits, has_answer, span_f1, confidence_before, null_before) -> dict:

@@ -260,18 +260,20 @@ def apply_calibration(report: EvalReport, cal: calibrate.Calibration, path: str,
     rows, logits = _row_logits(report, f"--calibration {path}")
     has, span_f1, null_before, conf = _labels(rows)
     metrics = calibrate.compare(cal, logits, has, span_f1, np.nan_to_num(conf), null_before)
-    notes = []
+    notes, already = [], None
     try:
         meta = answers_metadata(answers_path)
         options = {**meta.get("options", {}), "dtype": meta.get("dtype")}
         notes = cal.mismatches(meta.get("model") or {}, options)
+        already = (meta.get("calibration") or {}).get("path") or meta.get("options", {}).get("calibration")
     except UsageError:
         notes = ["the answers carry no qa-batch metadata: whether the calibration fits them is unknown"]
     right = calibrate.correct(calibrate.is_null(logits, cal.null_bias), has, span_f1)
     for r, p, y in zip(rows, cal.probability(logits), right):
         r["calibrated"] = (float(p), bool(y))  # for the plot
-    report.calibration = {"path": path, "null_bias": cal.null_bias, "rows": len(rows), **metrics,
-                          "mismatches": notes}
+    report.calibration = {"path": path, "null_bias": cal.null_bias, "calibrator": cal.calibrator, "rows": len(rows),
+                          **metrics, "mismatches": notes, "already_calibrated": already,
+                          "warnings": cal.metrics.get("warnings", []) if cal.metrics else []}
 
 
 def plot(report: EvalReport, path: str) -> None:
@@ -282,7 +284,7 @@ def plot(report: EvalReport, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'qa-batch[plot]'") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (in a qa-batch checkout: pip install -e '.[plot]')") from None
     rows = report.per_row
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     if report.curves:

@@ -115,7 +115,12 @@ def _read(path: str) -> tuple[list[str | None], list[str | None] | None]:
         elif name.endswith(".csv"):
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(io.BytesIO(storage.read_bytes(path)),
+            data = storage.read_bytes(path)
+            if not data.strip():
+                raise UsageError(f"{where}: the file is empty: give a header line 'question' (and 'field'), "
+                                 "then one question a line")
+            # one thread: pyarrow's threaded CSV reader aborted the process now and then (torch loaded)
+            table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),
                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
                                                                         column_types={"question": pa.string(),
                                                                                       "field": pa.string()}))
