@@ -69,7 +69,8 @@ def test_the_model_identity_covers_shards_and_the_tokenizer(tmp_path, bert_dir):
     vocab.write_text(vocab.read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
     assert content_hash(str(sharded)) != retrained
     renamed = content_hash(str(sharded))
-    (sharded / "README.md").write_text("notes")  # not read by from_pretrained: no new identity
+    for name in ("README.md", "eval_results.json", "trainer_state.json", "training_args.bin"):
+        (sharded / name).write_text("written by an evaluation mid-job")  # not read by loading: no new model
     assert content_hash(str(sharded)) == renamed
 
 
@@ -246,3 +247,33 @@ def test_the_readme_ways_to_read_a_ray_output_folder_work(sample24, bert_dir, tm
     assert pl.read_parquet(f"{out}/*.parquet").height == 24  # polars: a glob of the shard files
     with pytest.raises(Exception):
         pl.read_parquet(str(out))  # what README now warns about
+
+
+def test_a_failed_read_of_the_manifest_or_a_part_deletes_nothing(tmp_path):
+    """Review of issue 20's change: any OSError reading the manifest counted as 'no job here', so
+    the work directory (every part) was deleted; a failed read of a part deleted that part. Only
+    a missing or cut-short manifest, and a part whose bytes are wrong, may be treated so."""
+    from pipeline.engines.resume import WorkDir, readable
+
+    work = tmp_path / "out.parquet.partial"
+    work.mkdir()
+    (work / "part-000000000000.parquet").write_bytes(b"kept")
+    (work / "manifest.json").mkdir()  # reading it fails with an OSError, as a flaky store would
+    with pytest.raises(OSError):
+        WorkDir(str(work)).open({"inputs": []}, False, str(tmp_path / "out.parquet"))
+    assert (work / "part-000000000000.parquet").read_bytes() == b"kept"
+    with pytest.raises(OSError):
+        readable(str(work / "manifest.json"))  # a read error is raised, not taken for a damaged part
+    assert readable(str(work / "part-000000000000.parquet")) is False  # wrong bytes: answered again
+
+
+def test_a_glob_of_the_working_directory_or_a_bucket_top_needs_an_output(tmp_path, monkeypatch):
+    """Its folder's 'beside' is the parent directory (often not writable) or nowhere."""
+    from pipeline.engines.job import default_output
+    from pipeline.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    for spec in ("*.parquet", str(tmp_path / "*.parquet"), "s3://bucket/*.parquet"):
+        with pytest.raises(UsageError, match="no folder to put the answers beside: give the output with -o"):
+            default_output((spec,), ("x.parquet",))
+    assert default_output(("in/*.parquet",), ("in/a.parquet",)) == str(tmp_path / "in.answers.parquet")

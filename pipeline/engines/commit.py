@@ -47,6 +47,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
     """Write under a hidden temporary name (readers skip `.` files), then move into place."""
     tmp = storage.join(storage.parent(path), f".{storage.basename(path)}.inprogress")
     storage.write_bytes(tmp, data)
+    storage.sync(tmp)
     storage.move(tmp, path)
 
 

@@ -37,7 +37,13 @@ def default_output(inputs: tuple[str, ...], files: tuple[str, ...]) -> str:
     folder a glob reads: never where the next run's input would include it)."""
     first = inputs[0]
     if storage.is_glob(first):
-        return storage.with_suffix(storage.glob_root(first), ".answers.parquet")
+        root = storage.glob_root(first)
+        here = not storage.is_uri(root) and os.path.realpath(root) == os.path.realpath(os.getcwd())
+        at_top = here or storage.basename(root) == ""
+        if at_top:
+            raise UsageError(f"input glob {first}: it reads the working directory or a bucket's top, so there is no "
+                             "folder to put the answers beside: give the output with -o")
+        return storage.with_suffix(root, ".answers.parquet")
     if storage.is_dir(first):
         return storage.with_suffix(first.rstrip("/") if storage.is_uri(first) else os.path.normpath(first),
                                    ".answers.parquet")

@@ -26,6 +26,7 @@ parts are written in input order (`OpenWindows` keeps that bookkeeping).
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -167,7 +168,8 @@ class WindowWriter:
     def __init__(self, stages_: Stages, target: Target, progress: Progress, on_window: Callable[[int], None]):
         self.stages, self.target, self.progress, self.on_window = stages_, target, progress, on_window
         self.queue: queue.Queue = queue.Queue(maxsize=2)  # windows merged or written at a time: bounded memory
-        self.error: BaseException | None = None
+        self.failed: BaseException | None = None  # once set, later windows are dropped, never written
+        self.reported = False
         self.thread = threading.Thread(target=self._run, name="qa-batch-writer", daemon=True)
         self.thread.start()
 
@@ -179,23 +181,29 @@ class WindowWriter:
 
     def close(self) -> None:
         """Write every window handed over, then end the thread; raise what failed."""
+        t0 = time.perf_counter()
+        self.stop()
+        self.progress.stages["wait_for_writer"] += time.perf_counter() - t0
+        self.raise_failure()
+
+    def stop(self) -> None:
+        """End the thread once the windows handed over are written (or dropped after a failure)."""
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
-        self.raise_failure()
 
     def raise_failure(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        if self.failed is not None and not self.reported:
+            self.reported = True
+            raise self.failed
 
     def _run(self) -> None:
         while (w := self.queue.get()) is not None:
-            if self.error is None:  # after a failure: take the rest, so that put() never blocks
+            if self.failed is None:  # after a failure: take the rest unwritten, so that put() never blocks
                 try:
                     self._write(w)
                 except BaseException as e:  # handed to the device loop
-                    self.error = e
+                    self.failed = e
 
     def _write(self, w: WindowInFlight) -> None:
         config, plan, seconds = self.target.config, self.target.plan, self.progress.stages
@@ -287,14 +295,16 @@ def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, i
 
     producer = threading.Thread(target=produce, name="qa-batch-producer", daemon=True,
                                 args=(stages_, target, ranges, progress.stages, put, stop))
-    writer = WindowWriter(stages_, target, progress, on_window)
-    loop = DeviceLoop(stages_, progress, writer)
+    writer = None
     try:
+        writer = WindowWriter(stages_, target, progress, on_window)
+        loop = DeviceLoop(stages_, progress, writer)
         producer.start()
         while True:
             if stop_requested is not None and stop_requested.is_set():
                 stop.set()  # no new work; finish the batches in flight and keep whole windows
                 loop.drain()
+                producer.join(timeout=10)  # it stops at its next item: its stage seconds are final
                 raise Interrupted(target.plan.count_answers(progress.rows), target.where)
             t0 = time.perf_counter()
             try:
@@ -317,6 +327,7 @@ def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, i
         producer.join()
     finally:
         stop.set()  # on failure: finished parts stay in the work directory for the next run
-        if writer.thread.is_alive():  # a failure elsewhere: the windows handed over are still written
-            writer.queue.put(None)
-            writer.thread.join()
+        if writer is not None:
+            writer.stop()  # a failure elsewhere: the windows handed over are still written
+            if writer.failed is not None and not writer.reported:
+                logging.getLogger("qa_batch").error("writing a window failed too: %s", writer.failed)

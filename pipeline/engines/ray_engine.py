@@ -568,7 +568,7 @@ def _check_rows(files: str, total: int, per_row: Count, wide: bool = False) -> d
     def footer(r: Range) -> tuple[Range, int, dict]:
         try:
             meta = open_parquet(found[r]).metadata
-        except (OSError, pa.ArrowInvalid):  # cut short (a power loss): answered again by the rerun
+        except pa.ArrowInvalid:  # cut short (a power loss): answered again by the rerun
             storage.delete_file(found[r])
             raise RuntimeFailure(f"{found[r]} could not be read and was deleted: rerun the same command to "
                                  "answer its rows again") from None

@@ -125,7 +125,7 @@ def readable(path: str) -> bool:
         fs, inner = storage.locate(path)
         pq.read_metadata(inner, filesystem=fs)
         return True
-    except (OSError, pa.ArrowInvalid):
+    except pa.ArrowInvalid:  # the file's bytes are wrong; a failed read (OSError) is raised, deletes nothing
         return False
 
 
@@ -152,9 +152,14 @@ class WorkDir:
         return storage.is_file(self._file(MANIFEST))
 
     def _manifest(self) -> dict | None:
+        """The manifest, or None when there is none or one cut short by a crash (not a job to
+        resume). Any other read error is raised: a failed read must never pass for 'no job here',
+        which would delete the parts."""
         try:
             return json.loads(storage.read_bytes(self._file(MANIFEST)))
-        except (OSError, ValueError):  # none, or one cut short by a crash: not a job to resume
+        except FileNotFoundError:
+            return None
+        except ValueError:
             return None
 
     def wrote(self, output: str) -> bool:

@@ -273,7 +273,7 @@ def apply_calibration(report: EvalReport, cal: calibrate.Calibration, path: str,
         r["calibrated"] = (float(p), bool(y))  # for the plot
     report.calibration = {"path": path, "null_bias": cal.null_bias, "calibrator": cal.calibrator, "rows": len(rows),
                           **metrics, "mismatches": notes, "already_calibrated": already,
-                          "warnings": cal.metrics.get("warnings", []) if cal.metrics else []}
+                          "warnings": calibrate.weak_signal(metrics)}  # on these rows, not the fitted ones
 
 
 def plot(report: EvalReport, path: str) -> None:

@@ -26,10 +26,14 @@ from .batch import HostBatch
 from .spans import ChunkSpans, SpanRules, search_spans
 
 
+RETRY_FULL_AFTER = 256  # batches that fit after an out-of-memory before full-size batches are tried again
+
+
 @dataclass
 class InferStats:
     oom_splits: int = 0  # batches split in two after running out of device memory
     too_big: int | None = None  # the fewest padded tokens a batch ran out of memory with: larger ones are split first
+    fits_since: int = 0  # batches run since too_big was set: after RETRY_FULL_AFTER, full sizes are tried again
 
 
 class _Ready:
@@ -142,7 +146,13 @@ class Predictor:
         too_big = self.stats.too_big
         if n == 1 or too_big is None or tokens < too_big:
             try:
-                return self._forward(inputs, rules)
+                spans = self._forward(inputs, rules)
+                with self._lock:
+                    if self.stats.too_big is not None:
+                        self.stats.fits_since += 1
+                        if self.stats.fits_since >= RETRY_FULL_AFTER:  # a passing peak must not halve the rest
+                            self.stats.too_big, self.stats.fits_since = None, 0
+                return spans
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than the torch 2.4 we allow
                 pass  # leave the except block first: its traceback keeps the failed forward's tensors alive
             if n == 1:
@@ -151,6 +161,7 @@ class Predictor:
             with self._lock:
                 self.stats.oom_splits += 1
                 self.stats.too_big = tokens if self.stats.too_big is None else min(self.stats.too_big, tokens)
+                self.stats.fits_since = 0
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the failed forward's blocks back before retrying (a device-wide sync)
         h = n // 2
