@@ -175,6 +175,8 @@ def run(
             os._exit(_exit_code(signum))
         doing = "cancelling the Ray job, keeping its finished shards" if engine == "ray" else \
             "finishing the batches in flight"
+        if backend == "onnxruntime":  # an export takes seconds and is kept whole or not at all
+            doing += " (an ONNX export under way is finished first, then kept in the cache)"
         log.say("signal", f"{signal.Signals(signum).name}: {doing} (send it again to stop at once)",
                 level="warning", signal=signal.Signals(signum).name)
         stop.set()

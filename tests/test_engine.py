@@ -294,3 +294,33 @@ def test_a_non_finite_logit_gives_the_row_an_error_never_an_answer(tmp_path, ber
     assert rows[1]["confidence"] is None and rows[1]["score"] is None
     assert all(r["confidence"] is None or math.isfinite(r["confidence"]) for r in rows)
     assert summary.errors == 1
+
+
+def test_the_summary_line_shows_slow_rates_and_the_loop_reports_chunks_inside_a_window(tmp_path, bert_tokenizer,
+                                                                                        monkeypatch):
+    """Issue 22: a 100,000-word passage showed no progress for a minute, then '0.0 rows/s'."""
+    from pipeline.engines.report import RunSummary, rate
+
+    assert rate(0.0172) == "0.017" and rate(12.34) == "12.3" and rate(0.0) == "0.0"
+    line = RunSummary(output="o", rows=1, rows_this_run=1, elapsed_s=58.0, rows_per_s=0.0172,
+                      chunks_per_s=31.0).line()
+    assert "0.017 rows/s" in line
+    seen: list[int] = []
+    text, _ = passage_with_answer_at(bert_tokenizer, 3000, 2000)
+    src = write_parquet(tmp_path / "in.parquet", {"passage": [text], "question": ["q?"]})
+    config = RunConfig(inputs=(src,), output=str(tmp_path / "o.parquet"), quiet=True, model="planted",
+                       max_seq_len=64, doc_stride=16, batch_size=4)
+    from pipeline.engines import loop as loop_module
+
+    real = loop_module.answer_ranges
+
+    def spy(*a, **kw):  # the local engine's progress callback, per batch of one long passage
+        inner = kw["on_batch"]
+        kw["on_batch"] = lambda n: (seen.append(n), inner(n))
+        return real(*a, **kw)
+
+    import pipeline.engines.local as local
+
+    monkeypatch.setattr(local, "answer_ranges", spy)
+    run(config, loaded=planted(bert_tokenizer))
+    assert len(seen) > 10 and sum(seen) == pq.read_table(config.output)["chunks"][0].as_py()

@@ -68,7 +68,13 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     bar = tqdm(total=job.total_rows, initial=done_before.rows, unit="row", dynamic_ncols=True,
                disable=config.quiet or not sys.stderr.isatty())
     try:
-        answer_ranges(stages_, job.target(), todo, progress, bar.update, stop_requested)
+        chunks = [0]
+
+        def chunks_done(n: int) -> None:  # a bar that moves on long passages too (rows finish per window)
+            chunks[0] += n
+            bar.set_postfix_str(f"{chunks[0]} chunks", refresh=True)
+
+        answer_ranges(stages_, job.target(), todo, progress, bar.update, stop_requested, on_batch=chunks_done)
     except Interrupted as e:
         raise Interrupted(done_before + e.done, e.work_dir) from None
     finally:

@@ -228,8 +228,9 @@ class DeviceLoop:
     order; a window goes to the writer once all its batches are collected.
     """
 
-    def __init__(self, stages_: Stages, progress: Progress, writer: WindowWriter):
-        self.stages, self.progress, self.writer = stages_, progress, writer
+    def __init__(self, stages_: Stages, progress: Progress, writer: WindowWriter,
+                 on_batch: Callable[[int], None] | None = None):
+        self.stages, self.progress, self.writer, self.on_batch = stages_, progress, writer, on_batch
         self.seconds = progress.stages
         self.windows = OpenWindows()
         self.pending: collections.deque[BatchInFlight] = collections.deque()
@@ -258,6 +259,8 @@ class DeviceLoop:
         self.seconds["infer_wait"] += time.perf_counter() - t0
         done.window.spans.store(done.batch, host, done.window.start.chunks)
         self.windows.collected(done.window)
+        if self.on_batch is not None:  # progress inside a window: one long passage is many batches
+            self.on_batch(len(done.batch.chunk_index))
         faults.point("batch")
 
     def drain(self) -> None:
@@ -273,7 +276,8 @@ class DeviceLoop:
 
 
 def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, int]], progress: Progress,
-                  on_window: Callable[[int], None], stop_requested=None) -> None:
+                  on_window: Callable[[int], None], stop_requested=None,
+                  on_batch: Callable[[int], None] | None = None) -> None:
     """Answer the rows of `ranges` ([start, end), whole windows); each window goes to `target.write`.
 
     A producer thread reads, tokenizes and pads batches (the Rust tokenizer releases the GIL);
@@ -298,7 +302,7 @@ def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, i
     writer = None
     try:
         writer = WindowWriter(stages_, target, progress, on_window)
-        loop = DeviceLoop(stages_, progress, writer)
+        loop = DeviceLoop(stages_, progress, writer, on_batch)
         producer.start()
         while True:
             if stop_requested is not None and stop_requested.is_set():

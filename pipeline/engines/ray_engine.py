@@ -290,6 +290,10 @@ def _import_ray():
     # Ray's calls from a thread that outlives ray.shutdown() (Ray Data's, when the job is
     # cancelled) must not start a new local instance: no automatic ray.init.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    # Ray's own C++ and Python logs on the driver's stderr (token-authentication warnings, object
+    # store notes, a cancelled job's 'failed to push error') read as failures of the run: errors
+    # only, unless the user set a level (RAY_BACKEND_LOG_LEVEL=info); qa-batch says what happened
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError:
@@ -343,6 +347,8 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
     before = job.plan.count(job.total_rows - _rows(todo))
     shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
     shards = split_ranges(todo, config.rows_per_window, shard_rows)
+    if not actors.fixed and len(shards) < actors.actors:  # an actor without a shard would only load the model
+        actors = dataclasses.replace(actors, actors=max(1, len(shards)))
     max_actors = actors.actors if actors.fixed else max(actors.actors, len(shards))
     if on_plan is not None:
         on_plan(RayPlan(actors=actors.actors, max_actors=max_actors, fixed=actors.fixed, gpus_each=int(actors.gpu),
@@ -446,7 +452,7 @@ def _init(ray, address: str | None) -> None:
     # settings for the actors (offline mode, cache, test hooks); never a credential: a runtime_env
     # is stored in the cluster's job table, visible in its dashboard
     env = {k: v for k, v in os.environ.items() if k.startswith(("QA_BATCH_", "HF_")) and k not in _SECRETS}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
              runtime_env={"env_vars": env} if env else None)
     for s, handler in handlers.items():
         if handler is not None:

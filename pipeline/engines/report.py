@@ -71,7 +71,7 @@ class RunSummary:
                           self.chunks_this_run)
         on = f" on {self.device}" if self.device else ""
         text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
-                f"{self.rows_per_s:.1f} {unit}s/s, {self.chunks_per_s:.1f} chunks/s")
+                f"{rate(self.rows_per_s)} {unit}s/s, {rate(self.chunks_per_s)} chunks/s")
         if self.resumed_from_row:
             text += (f"; with the {plural(self.resumed_from_row, unit)} {self.earlier_verb} before, "
                      f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
@@ -98,6 +98,11 @@ class RunSummary:
 
 
 _COUNTS = ("rows", "chunks", "answered", "errors")
+
+
+def rate(per_s: float) -> str:
+    """12.3, or below 1 two significant digits (a 100,000-word passage: 0.017 rows/s, not 0.0)."""
+    return f"{per_s:.2g}" if 0 < per_s < 1 else f"{per_s:.1f}"
 
 
 @dataclass

@@ -58,9 +58,12 @@ FORMAT = "qa-batch-calibration/1"
 FEATURES = ("share", "margin", "is_null", "gap")
 CALIBRATORS = {"share": ("share_logit",), "features": FEATURES}  # the inputs of each kind of calibrator
 SHARE_EPS = 1e-6  # logit(share) of a share of 0 or 1 stays finite
-# held-out log-loss (nats per row) the four features must save over `share` to be kept: on a sample
-# whose features say nothing, noise alone lets them win by a few thousandths (seen: up to 0.0009)
-SELECT_MARGIN = 0.005
+# `features` is kept only where its held-out log-loss is lower than `share`'s by more than this many
+# standard errors of the per-row difference (a paired test: on a sample whose features say
+# nothing, noise alone lets them win by a few thousandths), and its held-out AUC is not lower
+# by more than AUC_SLACK (pooled over folds fitted apart, AUCs of the same ranking differ a little)
+SELECT_SE = 2.0
+AUC_SLACK = 0.005
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 GAP_CAP = 20.0  # logits: beyond this the runner-up no longer matters
 MARGIN_CAP = 40.0
@@ -198,16 +201,21 @@ def auc(score: np.ndarray, right: np.ndarray) -> float:
 
 def choose_calibrator(logits: RowLogits, y: np.ndarray, null_bias: float | None) -> tuple[str, float, dict]:
     """(calibrator, its l2, what each candidate scored held out): `features` only where it beats
-    `share` on held-out log-loss by SELECT_MARGIN without a lower held-out AUC; else `share`."""
-    scored = {}
+    `share` on held-out log-loss by more than SELECT_SE standard errors without a lower held-out
+    AUC (AUC_SLACK); else `share`."""
+    scored, losses = {}, {}
     for kind in ("share", "features"):
         x = design(logits, null_bias, kind)
         l2 = choose_l2(x, y, monotone=kind == "share")
-        p = held_out(x, y, l2, monotone=kind == "share")
-        scored[kind] = {"l2": l2, "cv_log_loss": round(log_loss(p, y), 5), "cv_auc": round(auc(p, y), 4)}
+        p = np.clip(held_out(x, y, l2, monotone=kind == "share"), 1e-9, 1 - 1e-9)
+        losses[kind] = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        scored[kind] = {"l2": l2, "cv_log_loss": round(float(losses[kind].mean()), 5), "cv_auc": round(auc(p, y), 4)}
+    diff = losses["share"] - losses["features"]  # > 0 where the features predicted the row better
+    se = float(diff.std() / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    gain = float(diff.mean()) if len(diff) else 0.0
     f, sh = scored["features"], scored["share"]
-    better = (f["cv_log_loss"] < sh["cv_log_loss"] - SELECT_MARGIN
-              and not (f["cv_auc"] < sh["cv_auc"]))  # NaN AUC (all right or all wrong): not lower
+    better = gain > SELECT_SE * se and not (f["cv_auc"] < sh["cv_auc"] - AUC_SLACK)  # NaN AUC: not lower
+    scored["features_gain"] = {"log_loss": round(gain, 5), "standard_error": round(se, 5)}
     kind = "features" if better else "share"
     return kind, scored[kind]["l2"], scored
 

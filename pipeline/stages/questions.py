@@ -108,7 +108,11 @@ def _read(path: str) -> tuple[list[str | None], list[str | None] | None]:
     where = f"--questions {path}"
     name = path.split("?")[0].lower()
     try:
-        if not storage.is_file(path):
+        try:
+            found = storage.is_file(path)
+        except UsageError as e:  # an unreachable bucket or host: say which option named it
+            raise UsageError(f"{where}: {e.message}") from None
+        if not found:
             raise UsageError(f"{where}: no such file")
         if name.endswith(".parquet"):
             table = storage.read_table(path)
