@@ -290,10 +290,6 @@ def _import_ray():
     # Ray's calls from a thread that outlives ray.shutdown() (Ray Data's, when the job is
     # cancelled) must not start a new local instance: no automatic ray.init.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    # Ray's own C++ and Python logs on the driver's stderr (token-authentication warnings, object
-    # store notes, a cancelled job's 'failed to push error') read as failures of the run: errors
-    # only, unless the user set a level (RAY_BACKEND_LOG_LEVEL=info); qa-batch says what happened
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError:
