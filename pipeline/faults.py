@@ -22,6 +22,7 @@ _once = os.environ.get("QA_BATCH_CRASH_ONCE")  # NAME:MARKER_FILE, for workers t
 _trace = os.environ.get("QA_BATCH_TRACE")
 _lose = os.environ.get("QA_BATCH_LOSE_AT")
 _oom_above = os.environ.get("QA_BATCH_OOM_ABOVE")
+_pause = os.environ.get("QA_BATCH_PAUSE_AT")
 _seen: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -71,3 +72,12 @@ def out_of_memory(rows: int) -> bool:
     """True when QA_BATCH_OOM_ABOVE=N and a forward of more than N chunks is to run out of memory:
     the engines' out-of-memory path, on any device and in any process (Ray actors included)."""
     return _oom_above is not None and rows > int(_oom_above)
+
+
+def pause(name: str) -> None:
+    """Wait (up to a minute) at `name` when QA_BATCH_PAUSE_AT=NAME: a test's window to act while the
+    process is at that point (a second signal while a stop is under way)."""
+    if _pause == name:
+        import time
+
+        time.sleep(60)

@@ -430,7 +430,7 @@ def run_machine(machine, max_examples: int, steps: int) -> None:
 
 
 def test_the_local_engine_keeps_the_lifecycle_contract():
-    run_machine(Lifecycle, examples(ci=10, long=1000), steps=8)
+    run_machine(Lifecycle, examples(ci=6, long=1000), steps=8)
 
 
 def test_the_ray_engine_keeps_the_lifecycle_contract():

@@ -117,13 +117,20 @@ def test_signal_stops_keeps_parts_and_resumes(job, tmp_path, sig, code):
 
 def test_second_signal_exits_at_once_and_resume_still_works(job, tmp_path):
     out = tmp_path / "out.parquet"
+    # the stop pauses (QA_BATCH_PAUSE_AT=stopping), so the second signal surely lands during it: two
+    # signals sent back to back can be delivered as one
     proc = subprocess.Popen(command(job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(), cwd=ROOT)
+                            env=env(QA_BATCH_PAUSE_AT="stopping"), cwd=ROOT)
     wait_for_parts(out, 1, proc)
     proc.send_signal(signal.SIGINT)
+    first = proc.stderr.readline()
+    while "SIGINT: finishing the batches in flight" not in first:  # the first signal was handled
+        assert first, "the process ended before it handled the first signal"
+        first = proc.stderr.readline()
+    started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    assert proc.returncode == 130 and time.monotonic() - started < 20  # at once, not after the pause
     # at once: the second signal leaves before the run's own 'interrupted after N rows' (a normal
     # stop after the first signal would print it, with the same exit code)
     assert "interrupted after" not in err, err

@@ -307,6 +307,7 @@ def answer_ranges(stages_: Stages, target: Target, ranges: Iterable[tuple[int, i
         while True:
             if stop_requested is not None and stop_requested.is_set():
                 stop.set()  # no new work; finish the batches in flight and keep whole windows
+                faults.pause("stopping")
                 loop.drain()
                 producer.join(timeout=10)  # it stops at its next item: its stage seconds are final
                 raise Interrupted(target.plan.count_answers(progress.rows), target.where)

@@ -166,8 +166,10 @@ class WorkDir:
         """Is `output` the finished output of the job this work directory holds?"""
         return _is_output_of(self._manifest(), output)
 
-    def open(self, manifest: dict, restart: bool, output: str) -> Opened:
-        """Start a new work directory, or take over the old one if it holds the same job."""
+    def open(self, manifest: dict, restart: bool, output: str, overwrite: bool = True) -> Opened:
+        """Start a new work directory, or take over the old one if it holds the same job. A new
+        one is not started over an existing output unless `overwrite` (leftovers of a finished
+        job are removed first: they are nobody's work)."""
         manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
         old = None if restart else self._manifest()
         if old is not None:
@@ -192,6 +194,8 @@ class WorkDir:
                     "or pass --restart to discard its parts.")
             # else: the leftovers of another job that finished (its clean-up was cut short)
         storage.delete(self.path)
+        if not overwrite and storage.exists(output):  # not ours to replace: refused before anything is made
+            raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
         storage.make_dirs(self.path)
         self.job_id = uuid.uuid4().hex
         storage.write_bytes_atomic(self._file(MANIFEST),
@@ -209,11 +213,7 @@ class WorkDir:
             another job, finished,   exists (not this job's)    refused (exit 2) unless --overwrite
               or nothing             absent, or --overwrite     NEW
         """
-        opened = self.open(manifest, restart, output)
-        if opened is Opened.NEW and storage.exists(output) and not overwrite:
-            # leftovers of another, finished job were cleared: its output is not ours to replace
-            raise UsageError(f"output {output} exists: pass --overwrite to replace it, or choose another path with -o")
-        return opened
+        return self.open(manifest, restart, output, overwrite)
 
     def _names(self) -> list[str]:
         return [storage.basename(f) for f in storage.list_files(self.path)] if storage.is_dir(self.path) else []
