@@ -190,11 +190,8 @@ def glob_files(pattern: str) -> list[str]:
     """Files matching a glob (*, ?, [..], ** across folders), sorted."""
     if not is_uri(pattern):
         return sorted(p for p in glob.glob(_local_path(pattern), recursive=True) if os.path.isfile(p))
-    u = urlsplit(pattern)
-    parts = u.path.split("/")
-    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    base = urlunsplit((u.scheme, u.netloc, "/".join(parts[:fixed]) or "/", u.query, ""))
-    regex = re.compile(_glob_regex("/".join(parts[fixed:])))
+    base = glob_root(pattern)
+    regex = re.compile(_glob_regex(urlsplit(pattern).path[len(urlsplit(base).path.rstrip("/")) + 1:]))
     return [f for f in (list_files(base) if exists(base) else []) if regex.fullmatch(relative(base, f))]
 
 

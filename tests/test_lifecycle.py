@@ -30,14 +30,14 @@ import tempfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, SAMPLE, assert_same_answers
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
-
-from conftest import ROOT, SAMPLE, assert_same_answers
-from pipeline.stages.wide import to_long
-from pipeline.stages.questions import QuestionList
-from pipeline.stages.write import read_metadata
 from tiny_models import make_checkpoint
+
+from pipeline.stages.questions import QuestionList
+from pipeline.stages.wide import to_long
+from pipeline.stages.write import read_metadata
 
 EXIT_CODES = {0, 2, 3, 130, 143}  # README: Exit codes
 KILLED = -signal.SIGKILL
@@ -413,9 +413,6 @@ class RayLifecycle(Lifecycle):
 
     def ray_args(self) -> list[str]:
         return ["--ray-address", self.address, "--cpu-workers", "1"]
-
-    def work_dir(self, where: str) -> str:
-        return where + ".partial"
 
 
 def examples(ci: int, long: int) -> int:

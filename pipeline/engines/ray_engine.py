@@ -60,7 +60,7 @@ from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
 from .job import Job, answer_identity, default_output, questions_metadata, versions
 from .loop import Target, answer_ranges
-from .report import Progress, RunSummary, bottleneck, write_report
+from .report import COUNTS, Progress, RunSummary, bottleneck, write_report
 from .resume import MANIFEST, input_fingerprint, output_job_id, readable
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
 
@@ -70,7 +70,7 @@ _SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the
 # one actor of 2 worker threads answers as fast as 2 actors of one (0.97-1.13x, BENCHMARKS.md#scaling)
 # with one model copy instead of two; 4 keeps several actors, hence shards in parallel, on big nodes
 CORES_PER_CPU_ACTOR = 4
-_COUNTS = ("rows", "chunks", "answered", "errors")
+_COUNTS = COUNTS
 
 
 @dataclass(frozen=True)

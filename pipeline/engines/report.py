@@ -80,10 +80,10 @@ class RunSummary:
     def set_counts(self, total: dict, this_run: dict) -> None:
         """The counts over every part of the output, and over the rows this run answered
         (each a dict with rows, chunks, answered and errors)."""
-        self.rows, self.chunks, self.answered, self.errors = (total[k] for k in _COUNTS)
+        self.rows, self.chunks, self.answered, self.errors = (total[k] for k in COUNTS)
         self.null = self.rows - self.answered - self.errors
         self.rows_this_run, self.chunks_this_run, self.answered_this_run, self.errors_this_run = (
-            this_run[k] for k in _COUNTS)
+            this_run[k] for k in COUNTS)
         self.null_this_run = self.rows_this_run - self.answered_this_run - self.errors_this_run
 
     def as_dict(self) -> dict:
@@ -97,7 +97,7 @@ class RunSummary:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-_COUNTS = ("rows", "chunks", "answered", "errors")
+COUNTS = ("rows", "chunks", "answered", "errors")  # what a part, a shard and a run count
 
 
 def rate(per_s: float) -> str:

@@ -25,7 +25,6 @@ from ..errors import RuntimeFailure
 from .batch import HostBatch
 from .spans import ChunkSpans, SpanRules, search_spans
 
-
 RETRY_FULL_AFTER = 256  # batches that fit after an out-of-memory before full-size batches are tried again
 
 
