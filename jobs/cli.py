@@ -75,6 +75,14 @@ def run(
     wide: bool = typer.Option(False, "--wide", rich_help_panel="Questions",
         help="With --questions or --question: one output row per input row, with a group of columns per "
              "question named by its field (else q0, q1, ...): <field>, <field>_start, <field>_score, ..."),
+    document_col: Optional[str] = typer.Option(None, "--document-col", show_default=False, rich_help_panel="Documents",
+        help="Rows that share this column's value are one document (pages, clauses, paragraphs): each question "
+             "is answered once per document, by the best span of all its passages (chunks never cross passages). "
+             "One output row per (document, question), in order of first appearance, with the answering passage "
+             "('passage': the --id-col value or row number) and a confidence over every candidate of the document."),
+    across_rows: bool = typer.Option(False, "--across-rows", rich_help_panel="Documents",
+        help="The whole table is one document: each question answered over every row (with --top-k N the N best "
+             "answers across the table, each naming its row). One output row per question."),
     max_seq_len: int = typer.Option(384, help="Tokens per chunk, special tokens included (at most the model's limit).", rich_help_panel="Answers"),
     doc_stride: int = typer.Option(128, help="Passage tokens shared by consecutive chunks.", rich_help_panel="Answers"),
     max_answer_len: int = typer.Option(30, help="Longest answer, in tokens.", rich_help_panel="Answers"),
@@ -145,6 +153,8 @@ def run(
     Example: qa-batch run input.parquet --model ./my-squad2-model --allow-null
 
     Or ask the same questions of every passage: qa-batch run contracts.parquet --questions fields.csv --wide
+
+    Or of every document stored as a row per page: qa-batch run pages.parquet --document-col doc_id --questions fields.csv
     """
     from pipeline.config import RunConfig, default_model
     from pipeline.engines.local import run as run_engine
@@ -155,7 +165,7 @@ def run(
         passage_col=passage_col, question_col=question_col, id_col=id_col,
         keep_columns=tuple(c.strip() for c in keep_columns.split(",") if c.strip()) if keep_columns else (),
         questions=questions, question=tuple(question or ()), wide=wide,
-        max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len,
+        document_col=document_col, across_rows=across_rows, max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len,
         truncate_question=truncate_question, max_question_len=max_question_len, top_k=top_k,
         allow_null=allow_null, null_threshold=null_threshold, device=device, dtype=dtype, quantize=quantize, backend=backend,
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),

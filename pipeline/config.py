@@ -24,6 +24,8 @@ class RunConfig:
     keep_columns: tuple[str, ...] = ()
     questions: str | None = None  # --questions: a file of questions asked of every row (questions.py)
     question: tuple[str, ...] = ()  # --question, repeated: the questions given one by one
+    document_col: str | None = None  # rows sharing this column's value are one document (documents.py)
+    across_rows: bool = False  # every row of the inputs is one document: each question answered over the table
     wide: bool = False  # with a question list: one output row per input row, a group of columns per question
     max_seq_len: int = 384
     doc_stride: int = 128
@@ -60,7 +62,7 @@ class RunConfig:
         keys = (
             "passage_col", "question_col", "id_col", "keep_columns", "max_seq_len",
             "doc_stride", "max_answer_len", "truncate_question", "max_question_len", "top_k", "allow_null", "null_threshold",
-            "dtype", "quantize", "backend", "limit", "calibration",
+            "dtype", "quantize", "backend", "limit", "calibration", "document_col", "across_rows",
         )
         return {k: v for k, v in asdict(self).items() if k in keys}
 

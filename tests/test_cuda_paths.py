@@ -18,7 +18,7 @@ from pipeline.engines.chain import Stages
 from pipeline.errors import UsageError
 from pipeline.models.checkpoint import load_model, resolve_devices
 from pipeline.stages.read import plan_inputs, read_windows
-from pipeline.stages.write import output_schema
+from pipeline.stages.shape import PerPair
 from tiny_models import CORPUS, make_checkpoint
 
 
@@ -51,7 +51,7 @@ def test_cuda_padding_stops_at_the_position_table(tmp_path):
     loaded = load_model(model_dir, "cpu", "auto", "none")
     assert loaded.max_positions == 100
     plan = plan_inputs(config.inputs, "passage", "question", None, (), None)
-    schema = output_schema(plan, 1)
+    shape = PerPair.build(plan, 1, wide=False)
     rows = next(read_windows(plan, 16, plan.total_rows, 0))
     tables = {}
     for multiple in (1, 8):
@@ -60,7 +60,7 @@ def test_cuda_padding_stops_at_the_position_table(tmp_path):
         chunks = stages.chunker(rows.passages, rows.questions)
         widths = [stages.collate(chunks, index).inputs["input_ids"].shape[1] for index in stages.batch_plan(chunks)]
         assert max(widths) == 100 and (multiple == 1 or all(w % 8 == 0 or w == 100 for w in widths))
-        tables[multiple] = stages.answer_window(rows, schema, None)
+        tables[multiple] = stages.answer_window(rows, shape)
         stages.predictor.close()
     assert_same_answers(tables[8], tables[1])
 

@@ -21,7 +21,7 @@ from ..stages.chunk import Chunker, ChunkSet
 from ..stages.infer import Predictor
 from ..stages.merge import RowAnswer, WindowSpans, merge_window
 from ..stages.read import RowBatch
-from ..stages.write import answers_table
+from ..stages.shape import OutputShape
 
 CPU_BATCH_SIZE = 4  # per CPU worker: small batches stay in cache and win (BENCHMARKS.md)
 
@@ -94,6 +94,8 @@ class Stages:
 
     def merge(self, rows: RowBatch, chunks: ChunkSet, spans: WindowSpans) -> list[RowAnswer]:
         c, cal = self.config, self.calibration
+        if c.document_col is not None or c.across_rows:  # each pair's candidates: the document decides (documents.py)
+            return merge_window(rows.passages, chunks, spans, c.top_k, False, 0.0)
         if cal is None:
             return merge_window(rows.passages, chunks, spans, c.top_k, c.allow_null, c.null_threshold)
         # the calibration's null bias is the null threshold; then its confidence replaces the softmax share
@@ -101,10 +103,10 @@ class Stages:
                                cal.null_bias or 0.0)
         return calibrate.apply_to_answers(cal, answers)
 
-    def answer_window(self, rows: RowBatch, schema: pa.Schema, id_col: str | None) -> pa.Table:
-        """All stages, in order, for one window of rows: its output table."""
+    def answer_window(self, rows: RowBatch, shape: OutputShape) -> pa.Table:
+        """All stages, in order, for one window of rows: its table (stages/shape.py)."""
         chunks = self.chunker(rows.passages, rows.questions)
         spans = WindowSpans.empty(len(chunks), self.chunk_k)
         for hb in self.batches(chunks):
             spans.store(hb, self.predictor.collect(self.predictor.submit(hb)), chunks)
-        return answers_table(schema, rows, self.merge(rows, chunks, spans), self.config.top_k, id_col)
+        return shape.window_table(rows, self.merge(rows, chunks, spans))

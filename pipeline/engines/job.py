@@ -25,8 +25,9 @@ from ..models import onnx_backend
 from ..quality import calibrate
 from ..stages.questions import plan_questions
 from ..stages.read import InputPlan, plan_inputs
-from ..stages.wide import Pivot
-from ..stages.write import output_schema, read_metadata
+from ..stages.documents import Grouping
+from ..stages.shape import OutputShape, PerDocument, PerPair
+from ..stages.write import read_metadata
 from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
@@ -67,7 +68,30 @@ def check_options(c: RunConfig) -> None:
     need(c.limit is None or c.limit >= 0, f"--limit {c.limit}: must be >= 0")
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
     need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
+    check_grouping(c)
     onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
+
+
+def check_grouping(c: RunConfig) -> None:
+    """--document-col and --across-rows: with options that make sense for one answer per document."""
+    if c.document_col is None and not c.across_rows:
+        return
+    if c.document_col is not None and c.across_rows:
+        raise UsageError("--document-col and --across-rows both say what a document is: give one (--across-rows makes "
+                         "the whole table one document)")
+    option = Grouping(c.document_col).option
+    if c.document_col in (c.passage_col, c.question_col):
+        raise UsageError(f"{option}: that is the {'passage' if c.document_col == c.passage_col else 'question'} "
+                         "column; name the column that says which document each row belongs to")
+    if c.keep_columns:
+        raise UsageError(f"{option} gives one output row per document and question, so input columns cannot be "
+                         "kept (--keep-columns): join the output with your table on the document key instead")
+    if c.across_rows and c.wide:
+        raise UsageError("--across-rows gives one output row per question already: drop --wide")
+
+
+def grouping(c: RunConfig) -> Grouping | None:
+    return Grouping(c.document_col) if c.document_col is not None or c.across_rows else None
 
 
 def answer_identity(c: RunConfig, calibration: calibrate.Calibration | None) -> dict:
@@ -163,11 +187,10 @@ class Job:
     plan: InputPlan
     output: str
     parts: WorkDir
-    schema: pa.Schema
+    shape: OutputShape  # the windows' tables (the parts) and the output's (stages/shape.py)
     total_rows: int  # input rows to answer (with a question list, each gives one answer per question)
     started: float  # perf_counter at the start
     started_at: str
-    pivot: Pivot | None = None  # --wide: the output's shape; parts stay long
     calibration: calibrate.Calibration | None = None  # --calibration, loaded once (plan_calibration)
 
     @classmethod
@@ -181,7 +204,7 @@ class Job:
         calibration = calibrate.plan_calibration(config)
         questions = plan_questions(config)
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
-                           config.keep_columns, questions)
+                           config.keep_columns, questions, config.document_col)
         output = config.output or default_output_for(config.inputs, plan.files)
         if output != storage.without_trailing_slash(output):  # out/: a folder's name
             if config.engine != "ray":
@@ -191,18 +214,17 @@ class Job:
             output = storage.without_trailing_slash(output)
         check_apart_from_inputs(output, config.inputs, plan.files)
         total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
-        schema = output_schema(plan, config.top_k)
-        return cls(config, plan, output, WorkDir(work_dir_for(output)), schema, total, started, started_at,
-                   Pivot.build(schema, questions) if config.wide else None, calibration)
+        return cls(config, plan, output, WorkDir(work_dir_for(output)), output_shape(config, plan, calibration),
+                   total, started, started_at, calibration)
 
     @property
     def file_schema(self) -> pa.Schema:
-        """The output's shape: long, or with --wide one row per input row."""
-        return self.pivot.schema if self.pivot is not None else self.schema
+        """The output's: long, with --wide one row per input row (or document), or one per document."""
+        return self.shape.schema
 
     def target(self) -> Target:
         """Where the loop puts finished windows: parts of the work directory."""
-        return Target(self.config, self.plan, self.schema, self.parts.write_part, self.parts.path)
+        return Target(self.config, self.plan, self.shape, self.parts.write_part, self.parts.path)
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay)."""
@@ -228,7 +250,7 @@ class Job:
             "options": {**answer_identity(c, self.calibration), "device": device_type, "dtype": dtype,
                         "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                         "rows_per_window": c.rows_per_window},
-            "schema": self.schema.to_string(),
+            "schema": self.shape.window_schema.to_string(),
             "versions": versions(c),
         }, self.output, c.restart, c.overwrite)
         if opened is Opened.FINISHED:
@@ -256,9 +278,21 @@ class Job:
             return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
                                "summary": summary.as_dict()}).encode()
 
-        self.parts.assemble(self.output, self.schema, final_metadata, self.pivot)
+        self.parts.assemble(self.output, self.shape, final_metadata)
         summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
         return write_report(summary, self.config)
+
+
+def output_shape(c: RunConfig, plan: InputPlan, calibration: calibrate.Calibration | None) -> OutputShape:
+    """One output row per pair, or with --document-col/--across-rows per document (stages/shape.py)."""
+    group = grouping(c)
+    if group is None:
+        return PerPair.build(plan, c.top_k, c.wide)
+    if calibration is None:
+        return PerDocument.build(plan, group, c.top_k, c.wide, c.allow_null, c.null_threshold)
+    # the calibration's null bias is the null threshold; its confidence replaces the softmax share
+    return PerDocument.build(plan, group, c.top_k, c.wide, calibration.null_bias is not None,
+                             calibration.null_bias or 0.0, functools.partial(calibrate.apply_to_answers, calibration))
 
 
 def check_max_seq_len(config: RunConfig, max_positions: int) -> None:

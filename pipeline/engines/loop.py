@@ -42,7 +42,7 @@ from ..stages.batch import HostBatch
 from ..stages.chunk import ChunkSet
 from ..stages.merge import WindowSpans
 from ..stages.read import InputPlan, RowBatch, read_windows
-from ..stages.write import answers_table
+from ..stages.shape import OutputShape
 from .chain import Stages
 from .report import Progress
 
@@ -53,7 +53,7 @@ class Target:
 
     config: RunConfig
     plan: InputPlan
-    schema: pa.Schema  # the long output schema of a window's table
+    shape: OutputShape  # a window's table, and how the output is made of them (stages/shape.py)
     write: Callable[[int, pa.Table], None]  # (the window's first row, its answers): a part, or a shard's piece
     where: str  # what an interrupted run names as keeping the finished windows
 
@@ -206,18 +206,19 @@ class WindowWriter:
                     self.failed = e
 
     def _write(self, w: WindowInFlight) -> None:
-        config, plan, seconds = self.target.config, self.target.plan, self.progress.stages
+        seconds, shape = self.progress.stages, self.target.shape
         rows = w.start.rows
         t0 = time.perf_counter()
-        answers = self.stages.merge(rows, w.start.chunks, w.spans)
+        table = shape.window_table(rows, self.stages.merge(rows, w.start.chunks, w.spans))
         t1 = time.perf_counter()
-        self.target.write(rows.first_row, answers_table(self.target.schema, rows, answers, config.top_k, plan.id_col))
+        self.target.write(rows.first_row, table)
         seconds["merge"] += t1 - t0
         seconds["write"] += time.perf_counter() - t1
-        self.progress.rows += len(answers)
-        self.progress.chunks += len(w.start.chunks)
-        self.progress.errors += sum(a.error is not None for a in answers)
-        self.progress.answered += sum(a.answer is not None for a in answers)
+        counts = shape.count(table)
+        self.progress.rows += counts["rows"]
+        self.progress.chunks += counts["chunks"]
+        self.progress.errors += counts["errors"]
+        self.progress.answered += counts["answered"]
         self.on_window(rows.input_rows)
 
 

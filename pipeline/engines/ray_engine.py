@@ -54,17 +54,18 @@ from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
 from ..models.checkpoint import load_model, model_identity
 from ..quality import calibrate
 from ..stages.read import InputPlan, open_parquet
-from ..stages.wide import Pivot
-from ..stages.write import METADATA_KEY, count_answers, output_schema
+from ..stages.shape import OutputShape
+from ..stages.write import METADATA_KEY
 from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from .job import Job, answer_identity, default_output, questions_metadata, versions
+from .job import Job, answer_identity, default_output, output_shape, questions_metadata, versions
 from .loop import Target, answer_ranges
 from .report import COUNTS, Progress, RunSummary, bottleneck, write_report
 from .resume import MANIFEST, input_fingerprint, output_job_id, readable
 from .shards import Range, balanced_shard_rows, parse_shard_name, shard_name, split_ranges, tile
 
 FILES = "files"  # <output>.partial/files/: what becomes the output
+PAIRS = "pairs"  # <output>.partial/pairs/: with documents, the shards of pairs that files/ is reduced from
 _SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # nodes find tokens where the hub client looks, not from us
 # default cores per CPU actor (at most the smallest node's): since actors run the local engine's loop,
 # one actor of 2 worker threads answers as fast as 2 actors of one (0.97-1.13x, BENCHMARKS.md#scaling)
@@ -173,8 +174,7 @@ class RayAnswerer:
         # each file's metadata: the driver's (version, options, job) and this actor's model and device
         self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
                          "dtype": loaded.dtype_name}
-        self.schema = output_schema(plan, config.top_k)
-        self.pivot = Pivot.build(self.schema, plan.questions) if config.wide else None  # shards are counted long
+        self.shape = output_shape(config, plan, calibration)
         self.oom_splits = 0  # the predictor's count when the last shard was reported
 
     def __call__(self, batch: dict) -> dict:
@@ -191,12 +191,13 @@ class RayAnswerer:
                 tables.append(table)
 
             # the local engine's loop: tokenizing, the model and merging overlap, every worker thread busy
-            target = Target(self.config, self.plan, self.schema, keep, self.files)
+            target = Target(self.config, self.plan, self.shape, keep, self.files)
             progress = Progress()
             answer_ranges(self.stages, target, [(start, end)], progress, lambda n: None)
-            table = pa.concat_tables(tables) if tables else self.schema.empty_table()
-            counts = count_answers(table)
-            write_shard(self.files, start, end, self.pivot(table) if self.pivot else table,
+            table = pa.concat_tables(tables) if tables else self.shape.window_schema.empty_table()
+            counts = self.shape.count(table)  # counted as the windows' tables: rows are pairs
+            # a shard is written in the output's form; with documents as its pairs (reduced by the driver)
+            write_shard(self.files, start, end, table if self.shape.grouped else self.shape.output_table(table),
                         {**self.metadata, "shard": {"start": start, "end": end, **counts}})
             faults.record("shard_written", f"{start}-{end}")
             splits = self.stages.predictor.stats.oom_splits
@@ -254,6 +255,11 @@ class RayJob:
     def config(self) -> RunConfig:
         return self.job.config
 
+    @property
+    def shards(self) -> str:
+        """Where actors write their shards: files/ itself, or with documents pairs/ (reduced into files/)."""
+        return storage.join(self.job.parts.path, PAIRS) if self.job.shape.grouped else self.files
+
 
 def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             on_plan: Callable[[RayPlan], None] | None = None) -> RunSummary:
@@ -282,7 +288,7 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
         return publish(rj)
     except OSError as e:  # the driver's own reads and writes of the staging directory
         raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or rj.job.parts.path}). The "
-                             f"finished shards are kept in {rj.files}: fix the cause and rerun the same command "
+                             f"finished shards are kept in {rj.shards}: fix the cause and rerun the same command "
                              "to resume") from None
 
 
@@ -339,7 +345,7 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
                 "options": config.as_dict(),
                 "started_at": job.started_at, "job_id": job.parts.job_id,
                 **calibrate.calibration_metadata(config, job.calibration), **questions_metadata(job.plan)}
-    todo = _shards_left(rj.files, job.total_rows)
+    todo = _shards_left(rj.shards, job.total_rows)
     before = job.plan.count(job.total_rows - _rows(todo))
     shard_rows = config.rows_per_batch or balanced_shard_rows(todo, actors.actors)
     shards = split_ranges(todo, config.rows_per_window, shard_rows)
@@ -357,7 +363,7 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
     try:
         this_run = _answer_shards(cluster, shards, actors, max_actors, rj, metadata, before, stop_requested)
     except Interrupted:  # the rows kept are those in shard files, some not yet reported
-        kept = _rows(tile(list(_shard_files(rj.files)), job.total_rows)[0])
+        kept = _rows(tile(list(_shard_files(rj.shards)), job.total_rows)[0])
         raise Interrupted(job.plan.count(kept), job.parts.path) from None
     return metadata, this_run, before
 
@@ -365,10 +371,13 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
 def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before: Count) -> None:
     """Every row in exactly one shard file, as its name says; then the run's summary in _SUCCESS."""
     job, config = rj.job, rj.config
+    shape = job.shape
     if job.total_rows == 0:  # no rows: one empty file, so that readers still get the schema
-        write_shard(rj.files, 0, 0, job.file_schema.empty_table(),
+        write_shard(rj.shards, 0, 0, (shape.window_schema if shape.grouped else shape.schema).empty_table(),
                     {**metadata, "model": rj.model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
-    counts = _check_rows(rj.files, job.total_rows, job.plan.count(1), wide=config.wide)
+    counts = _check_rows(rj.shards, job.total_rows, job.plan.count(1), wide=config.wide and not shape.grouped)
+    if shape.grouped:
+        counts.update(_reduce(rj, shape, metadata))
     elapsed = time.perf_counter() - job.started
     summary = RunSummary(output=job.output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
                          dtype=_dtype_name(config, actors.gpu), started_at=job.started_at,
@@ -588,6 +597,33 @@ def _check_rows(files: str, total: int, per_row: Count, wide: bool = False) -> d
     return counts
 
 
+def _reduce(rj: RayJob, shape: OutputShape, metadata: dict) -> dict:
+    """With documents: the shards of pairs, in row order, reduced by document into files/ (one file,
+    streamed: memory holds the documents' best candidates, not the pairs). Returns their counts."""
+    import pyarrow.parquet as pq
+
+    found = _shard_files(rj.shards)
+    kept = tile(list(found), rj.job.total_rows)[0] if rj.job.total_rows else [(0, 0)]
+    name = shard_name(0, rj.job.total_rows)
+    path, tmp = storage.join(rj.files, name), storage.join(rj.files, f".{name}.inprogress")
+    counts: dict = {}
+    storage.make_dirs(rj.files)
+    meta = {**metadata, "model": rj.model, "shard": {"start": 0, "end": rj.job.total_rows}}
+    try:
+        fs, inner = storage.locate(tmp)
+        with pq.ParquetWriter(inner, shape.schema, compression="zstd", filesystem=fs) as writer:
+            for table in shape.assemble((storage.read_table(found[r], schema=shape.window_schema) for r in kept),
+                                        counts):
+                writer.write_table(table)
+            writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        storage.sync(tmp)
+        storage.move(tmp, path)
+    except OSError as e:
+        raise RuntimeFailure(f"could not write {path}: {e.strerror or e}. The finished shards are kept in "
+                             f"{rj.shards}: fix the cause and rerun the same command to finish") from None
+    return counts
+
+
 def _summary_from(success: dict, output: str) -> RunSummary:
     return RunSummary.from_dict({**success, "output": output})
 
@@ -611,7 +647,7 @@ def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPla
 
     Stopped or failed, the job is cancelled by ending the Ray connection (RayConnection's exit,
     when this process made it): the cluster then ends the job's actors; their finished shards are kept."""
-    ray, config, plan, files = cluster.ray, rj.config, rj.job.plan, rj.files
+    ray, config, plan, files = cluster.ray, rj.config, rj.job.plan, rj.shards
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -47,6 +47,11 @@ class RunSummary:
     stage_seconds: dict = field(default_factory=dict)
     bottleneck: str = ""  # the stage that set the pace (see bottleneck())
     questions_per_row: int = 0  # --questions/--question: asked of every input row (rows then count answers)
+    # --document-col/--across-rows: the output's rows, one per (document, question); the counts above are the pairs'
+    documents: int = 0
+    documents_answered: int = 0
+    documents_null: int = 0
+    documents_errors: int = 0
 
     @property
     def unit(self) -> str:
@@ -75,6 +80,9 @@ class RunSummary:
         if self.resumed_from_row:
             text += (f"; with the {plural(self.resumed_from_row, unit)} {self.earlier_verb} before, "
                      f"{counts(self.rows, self.answered, self.null, self.errors, self.chunks)} in all")
+        if self.documents:
+            text += (f"; {plural(self.documents, 'document answer')} ({self.documents_answered} answered, "
+                     f"{self.documents_null} null, {plural(self.documents_errors, 'error')})")
         return f"{text} -> {self.output}"
 
     def set_counts(self, total: dict, this_run: dict) -> None:
@@ -85,6 +93,8 @@ class RunSummary:
         self.rows_this_run, self.chunks_this_run, self.answered_this_run, self.errors_this_run = (
             this_run[k] for k in COUNTS)
         self.null_this_run = self.rows_this_run - self.answered_this_run - self.errors_this_run
+        for key in ("documents", "documents_answered", "documents_null", "documents_errors"):
+            setattr(self, key, total.get(key, 0))
 
     def as_dict(self) -> dict:
         return asdict(self)

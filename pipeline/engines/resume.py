@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 from .. import faults, storage
 from ..errors import RuntimeFailure, UsageError
 from ..stages.read import InputPlan
-from ..stages.wide import Pivot
-from ..stages.write import count_answers, read_metadata
+from ..stages.shape import OutputShape
+from ..stages.write import read_metadata
 from . import commit
 
 MANIFEST = "manifest.json"
@@ -255,32 +255,35 @@ class WorkDir:
                 f"could not write {path}: {e.strerror or e}. The finished parts are kept: "
                 "fix the cause (disk space, permissions) and rerun the same command to resume") from None
 
-    def assemble(self, output: str, schema: pa.Schema, metadata_for: Callable[[dict], bytes],
-                 pivot: Pivot | None = None) -> dict:
+    def assemble(self, output: str, shape: OutputShape, metadata_for: Callable[[dict], bytes]) -> dict:
         """Copy the parts, in order, into `output` (atomically), then remove the work directory.
 
         `metadata_for(counts)` gives the file's qa_batch metadata from the counts over all
-        parts (rows, chunks, answered, errors), which are also returned; it must carry
-        this work directory's job id (see `wrote`). Parts hold the long form; with `pivot`
-        (--wide) each is written pivoted.
+        parts (rows, chunks, answered, errors; with documents also theirs), which are also
+        returned; it must carry this work directory's job id (see `wrote`). Parts hold the
+        windows' tables; `shape` makes them the output's (pivoted, or reduced by document).
         """
         tmp = storage.join(storage.parent(output), f".{storage.basename(output)}.assembling.tmp")
         counts = {"rows": 0, "chunks": 0, "answered": 0, "errors": 0}
+
+        def parts():
+            for _, path in self.parts():
+                try:
+                    table = storage.read_table(path, schema=shape.window_schema)
+                except pa.ArrowInvalid:  # cut short (a power loss): its rows are answered again
+                    storage.delete_file(path)
+                    raise RuntimeFailure(f"the part {path} could not be read and was deleted: rerun the same "
+                                         "command to answer its rows again") from None
+                for key, n in shape.count(table).items():
+                    counts[key] += n
+                yield table
+                faults.point("assembling")
+
         try:
             fs, inner = storage.locate(tmp)
-            with pq.ParquetWriter(inner, pivot.schema if pivot else schema, compression="zstd",
-                                  filesystem=fs) as writer:
-                for _, path in self.parts():
-                    try:
-                        table = storage.read_table(path, schema=schema)
-                    except pa.ArrowInvalid:  # cut short (a power loss): its rows are answered again
-                        storage.delete_file(path)
-                        raise RuntimeFailure(f"the part {path} could not be read and was deleted: rerun the same "
-                                             "command to answer its rows again") from None
-                    writer.write_table(pivot(table) if pivot else table)
-                    for key, n in count_answers(table).items():
-                        counts[key] += n
-                    faults.point("assembling")
+            with pq.ParquetWriter(inner, shape.schema, compression="zstd", filesystem=fs) as writer:
+                for table in shape.assemble(parts(), counts):
+                    writer.write_table(table)
                 writer.add_key_value_metadata({"qa_batch": metadata_for(counts)})
             storage.sync(tmp)
         except OSError as e:

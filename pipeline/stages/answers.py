@@ -6,7 +6,7 @@ tools can use them without importing the tokenizer or torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -35,3 +35,6 @@ class RowAnswer:
     span_score: float | None = None  # the best span's logit sum, chosen or not
     runner_up_score: float | None = None  # the best distinct span after it (None: there is none)
     log_norm: float | None = None  # logsumexp of every candidate span's score (the null candidate excluded)
+    # the best distinct spans, best first, at least two where there are (merge's `wanted`):
+    # what a document's answer is chosen from (documents.py)
+    candidates: list[Answer] = field(default_factory=list)

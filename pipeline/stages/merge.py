@@ -82,37 +82,43 @@ def merge_window(
             continue
         null_score = float(spans.null_score[a:b].min())
         span_log_norm = float(np.logaddexp.reduce(spans.log_norm[a:b].astype(np.float64)))
-        log_norm = float(np.logaddexp(span_log_norm, null_score)) if allow_null else span_log_norm
 
         scores = spans.score[a:b].ravel()
         order = np.argsort(-scores, kind="stable")  # ties: earlier chunk, then better rank
         cs, ce = char_start[a:b].ravel(), char_end[a:b].ravel()
-        top: list[Answer] = []
+        candidates: list[Answer] = []
         seen: set[tuple[int, int]] = set()
         wanted = max(top_k, 2)  # the runner-up is always found: calibration reads its score
         for j in order:
-            if len(top) == wanted or not np.isfinite(scores[j]):
+            if len(candidates) == wanted or not np.isfinite(scores[j]):
                 break
             key = (int(cs[j]), int(ce[j]))
             if key in seen:  # the same text span from an overlapping chunk
                 continue
             seen.add(key)
-            s = float(scores[j])
-            top.append(Answer(passages[r][key[0] : key[1]], key[0], key[1], s, _share(s, log_norm)))
-        if not top:
-            out.append(RowAnswer(None, None, None, null_score, int(b - a),
-                                 "no valid answer span in the passage", []))
-            continue
-        best = top[0]
-        found = dict(span_score=best.score, runner_up_score=top[1].score if len(top) > 1 else None,
-                     log_norm=span_log_norm)
-        top = top[:top_k] if top_k > 1 else []
-        if allow_null and null_score - best.score > null_threshold:
-            out.append(RowAnswer(None, null_score, _share(null_score, log_norm), null_score,
-                                 int(b - a), None, top, **found))
-        else:
-            out.append(RowAnswer(best, best.score, best.confidence, null_score, int(b - a), None, top, **found))
+            candidates.append(Answer(passages[r][key[0] : key[1]], key[0], key[1], float(scores[j]), 0.0))
+        out.append(choose(candidates, null_score, span_log_norm, int(b - a), top_k, allow_null, null_threshold))
     return out
+
+
+def choose(candidates: list[Answer], null_score: float, span_log_norm: float, chunks: int, top_k: int,
+           allow_null: bool, null_threshold: float, no_span: str = "no valid answer span in the passage") -> RowAnswer:
+    """The answer of one row (or one document: documents.py) from its best distinct candidate
+    spans, best first (at least two where there are: the runner-up), its null score (the
+    minimum over its chunks) and the log-sum-exp of all its span scores. Each candidate's
+    confidence is its softmax share among all spans, and the null candidate with --allow-null."""
+    log_norm = float(np.logaddexp(span_log_norm, null_score)) if allow_null else span_log_norm
+    for c in candidates:
+        c.confidence = _share(c.score, log_norm)
+    if not candidates:
+        return RowAnswer(None, None, None, null_score, chunks, no_span, [], candidates=[])
+    best = candidates[0]
+    found = dict(span_score=best.score, runner_up_score=candidates[1].score if len(candidates) > 1 else None,
+                 log_norm=span_log_norm, candidates=candidates)
+    top = candidates[:top_k] if top_k > 1 else []
+    if allow_null and null_score - best.score > null_threshold:
+        return RowAnswer(None, null_score, _share(null_score, log_norm), null_score, chunks, None, top, **found)
+    return RowAnswer(best, best.score, best.confidence, null_score, chunks, None, top, **found)
 
 
 def nonfinite_error(n_chunks: int) -> str:

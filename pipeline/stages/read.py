@@ -42,6 +42,8 @@ class InputPlan:
     id_type: pa.DataType | None
     keep_types: tuple[pa.DataType, ...]
     questions: QuestionList | None = None  # asked of every row (question_col unused); None: rows are pairs
+    document_col: str | None = None  # --document-col: which document each row is a passage of
+    document_type: pa.DataType | None = None
 
     @property
     def questions_per_row(self) -> int:
@@ -70,6 +72,7 @@ class RowBatch:
     ids: pa.Array | None  # the id column, as read
     kept: dict[str, pa.Array]  # --keep-columns, as read
     asked: QuestionList | None = None  # the question list every row was asked; None: one pair per row
+    documents: pa.Array | None = None  # --document-col, as read
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -91,6 +94,7 @@ def ask_each(rows: RowBatch, asked: QuestionList) -> RowBatch:
         ids=rows.ids.take(take) if rows.ids is not None else None,
         kept={c: a.take(take) for c, a in rows.kept.items()},
         asked=asked,
+        documents=rows.documents.take(take) if rows.documents is not None else None,
     )
 
 
@@ -174,10 +178,12 @@ def plan_inputs(
     id_col: str | None,
     keep_columns: tuple[str, ...] = (),
     questions: QuestionList | None = None,
+    document_col: str | None = None,
 ) -> InputPlan:
     """Resolve the inputs and check every file's schema; raise UsageError on the first problem.
 
-    With `questions` the inputs need no question column: every row is asked the list."""
+    With `questions` the inputs need no question column: every row is asked the list.
+    `document_col`: rows sharing its value are one document (documents.py)."""
     twice = sorted({c for c in keep_columns if keep_columns.count(c) > 1})
     if twice:
         raise UsageError(f"--keep-columns names {', '.join(twice)} more than once: name each column once")
@@ -192,7 +198,8 @@ def plan_inputs(
             "the input's %r column is ignored: every row is asked the %s of %s", question_col,
             plural(len(questions), "question"), questions.source)
     asks = [] if questions is not None else [question_col]
-    wanted = [passage_col] + asks + ([id_col] if id_col else []) + list(keep_columns)
+    wanted = [passage_col] + asks + ([id_col] if id_col else []) + list(keep_columns) + \
+        ([document_col] if document_col else [])
     reference: dict[str, str] = {}
     for path, schema, _ in schemas:
         for col in wanted:
@@ -203,6 +210,8 @@ def plan_inputs(
                     question_col: " (set its name with --question-col, or ask every row the same questions "
                                   "with --questions FILE or --question TEXT)",
                     id_col: " (set its name with --id-col)",
+                    document_col: " (name the column that says which document each row belongs to with "
+                                  "--document-col)",
                 }.get(col, "")
                 raise UsageError(f"{path}: column {col!r} is missing{hint}; columns found: {found}")
             t = schema.field(col).type
@@ -211,6 +220,8 @@ def plan_inputs(
                     f"{path}: column {col!r} has type {t}, but text is needed (string); "
                     f"columns found: {', '.join(f'{n}: {schema.field(n).type}' for n in schema.names)}"
                 )
+            if col == document_col:
+                _check_document_key(path, col, t)
             if col not in reference:
                 reference[col] = _logical(t)
             elif reference[col] != _logical(t):
@@ -229,7 +240,18 @@ def plan_inputs(
         id_type=first_schema.field(id_col).type if id_col else None,
         keep_types=tuple(first_schema.field(c).type for c in keep_columns),
         questions=questions,
+        document_col=document_col,
+        document_type=_plain_type(first_schema.field(document_col).type) if document_col else None,
     )
+
+
+def _check_document_key(path: str, column: str, t: pa.DataType) -> None:
+    """A document key must compare exactly: text, integers, dates (floats and nested types do not)."""
+    plain = _plain_type(t)
+    if not (_is_string(plain) or pa.types.is_integer(plain) or pa.types.is_date(plain)
+            or pa.types.is_binary(plain) or pa.types.is_large_binary(plain)):
+        raise UsageError(f"{path}: --document-col {column} has type {t}; a document key must be text, an integer or a "
+                         "date (values that compare exactly): cast it, or name another column")
 
 
 def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -257,6 +279,8 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
     if plan.id_col:
         columns.append(plan.id_col)
     columns += [c for c in plan.keep_columns if c not in columns]
+    if plan.document_col and plan.document_col not in columns:
+        columns.append(plan.document_col)
     remaining = (plan.total_rows if limit is None else min(limit, plan.total_rows)) - start_row
     row = start_row
     skip = start_row
@@ -266,6 +290,8 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
     target = {c: _plain_type(t) for c, t in zip(plan.keep_columns, plan.keep_types)}
     if plan.id_col:
         target[plan.id_col] = _plain_type(plan.id_type)
+    if plan.document_col:
+        target[plan.document_col] = plan.document_type
 
     def normalize(rb: pa.RecordBatch) -> dict[str, pa.Array]:
         # Files may differ in string encoding (string, large_string, dictionary): unify here.
@@ -284,6 +310,7 @@ def read_windows(plan: InputPlan, rows_per_window: int, limit: int | None = None
             questions=col[plan.question_col].to_pylist() if plan.questions is None else [],
             ids=col[plan.id_col] if plan.id_col else None,
             kept={c: col[c] for c in plan.keep_columns},
+            documents=col[plan.document_col] if plan.document_col else None,
         )
         row += pending_rows
         pending, pending_rows = [], 0

@@ -25,8 +25,9 @@ from ..errors import UsageError
 from .questions import QuestionList
 
 # The long form's columns that hold one question's answer, in their order there.
-ANSWER_COLUMNS = ("answer", "answer_start", "answer_end", "score", "confidence", "null_score",
-                  "runner_up_score", "log_norm", "chunks", "error", "answers")
+ANSWER_COLUMNS = ("answer", "passage", "answer_start", "answer_end", "score", "confidence", "null_score",
+                  "runner_up_score", "log_norm", "chunks", "passages", "error", "answers")
+DOCUMENT_ONLY = ("passage", "passages")  # answer columns of a document's answer (documents.py): kept columns else
 _ASKED = ("field", "question_index", "question")  # what the wide form's column names say instead
 
 
@@ -42,12 +43,14 @@ class Pivot:
     long: pa.Schema
     schema: pa.Schema  # the wide output's
     questions: QuestionList
+    answer_columns: tuple[str, ...]  # the long form's columns that hold one question's answer
 
     @classmethod
-    def build(cls, long: pa.Schema, questions: QuestionList) -> "Pivot":
-        """UsageError when two columns of the wide form would have one name."""
-        answer_cols = [c for c in ANSWER_COLUMNS if c in long.names]
-        key, kept = long.field(0), [f for f in long if f.name not in (long.field(0).name, *_ASKED, *ANSWER_COLUMNS)]
+    def build(cls, long: pa.Schema, questions: QuestionList, documents: bool = False) -> "Pivot":
+        """UsageError when two columns of the wide form would have one name. `documents`: the long
+        form holds documents' answers (their `passage` and `passages` are answer columns)."""
+        answer_cols = tuple(c for c in ANSWER_COLUMNS if c in long.names and (documents or c not in DOCUMENT_ONLY))
+        key, kept = long.field(0), [f for f in long if f.name not in (long.field(0).name, *_ASKED, *answer_cols)]
         made: dict[str, str] = {key.name: f"the key column {key.name!r}"}
         made.update({f.name: f"the kept column {f.name!r}" for f in kept})
         fields = [key]
@@ -59,7 +62,7 @@ class Pivot:
                                      f"{made[column]} does: rename one of them ({questions.source})")
                 made[column] = questions.label(j)
                 fields.append(pa.field(column, long.field(c).type))
-        return cls(long, pa.schema(fields + kept), questions)
+        return cls(long, pa.schema(fields + kept), questions, answer_cols)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """The wide rows of a long table that holds every question of each of its input rows."""
@@ -70,13 +73,12 @@ class Pivot:
         firsts = pa.array(np.arange(0, n, m, dtype=np.int64))
         columns = {}
         for f in self.long:
-            if f.name not in _ASKED and f.name not in ANSWER_COLUMNS:  # the key and the kept columns
+            if f.name not in _ASKED and f.name not in self.answer_columns:  # the key and the kept columns
                 columns[f.name] = table.column(f.name).take(firsts)
         for j, name in enumerate(self.questions.names):
             rows_j = pa.array(np.arange(j, n, m, dtype=np.int64))
-            for c in ANSWER_COLUMNS:
-                if c in self.long.names:
-                    columns[wide_name(name, c)] = table.column(c).take(rows_j)
+            for c in self.answer_columns:
+                columns[wide_name(name, c)] = table.column(c).take(rows_j)
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)
 
 
