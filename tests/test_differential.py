@@ -195,8 +195,8 @@ def reference_row(loaded: LoadedModel, passage, question, o: dict) -> dict:
             start, end = logits[c]
             score = float(np.float32(start[ctx_at[c] + s]) + np.float32(end[ctx_at[c] + e]))
             cands.append(Candidate(score, c, s, e, offsets[s][0], offsets[e][1]))
-    if not cands:
-        return {"error": True}
+    if not cands:  # chunks, but no valid span: an error for the row; a document still counts its chunks
+        return {"error": True, "no_span": True, "chunks": len(windows), "null_score": min(null)}
     cands.sort(key=lambda x: (-x.score, x.owner, x.s, x.e))
     distinct, seen = [], set()
     for x in cands:
