@@ -22,6 +22,10 @@ SQuAD 2.0 EM/F1, split into has-answer and no-answer rows).
    `qa-batch eval --calibration` on the other (ECE, Brier and F1 before and after), and the
    reverse; on paragraphs `qa-batch run --calibration` is also run on the held-out article
    and must give the figures eval computed offline.
+5. Documents (`--steps documents`): every question of an article asked of that article as
+   one document made of its paragraphs (`--document-col`, one row per question and
+   paragraph) against the same article as one long passage: F1, HasAns F1 and answers per
+   second, side by side.
 
 Quality figures are not timing-sensitive: others may use the machine meanwhile.
 """
@@ -201,12 +205,67 @@ def calibration(args, gold: dict) -> dict:
     return results
 
 
+def pages_input(args) -> str:
+    """Every question of an article asked of the article as one document of its paragraphs: one row
+    per (question, paragraph), the document key the question's id (so eval joins on it)."""
+    import json as _json
+
+    path = os.path.join(args.work, "pages.parquet")
+    if os.path.exists(path):
+        return path
+    with open(args.squad) as f:
+        data = _json.load(f)["data"]
+    rows = {"id": [], "page": [], "passage": [], "question": []}
+    for article in data:
+        paragraphs = [p["context"] for p in article["paragraphs"]]
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                for i, text in enumerate(paragraphs):
+                    rows["id"].append(qa["id"])
+                    rows["page"].append(f"{article['title']}#{i}")
+                    rows["passage"].append(text)
+                    rows["question"].append(qa["question"])
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def documents(args, gold: dict) -> dict:
+    """Issue 23's measure: an article as one document of paragraphs (--document-col) against the
+    same article as one long passage; F1, HasAns F1, answers per second (the whole process)."""
+    out = {}
+    runs = {"one long passage (articles)": (gold["articles"], []),
+            "a document of paragraphs (--document-col)": (pages_input(args), ["--document-col", "id", "--id-col", "page"])}
+    for name, (source, extra) in runs.items():
+        answers = os.path.join(args.work, f"answers-documents-{len(out)}.parquet")
+        report = answers + ".report.json"
+        if not (args.reuse and os.path.exists(report)):
+            qa_batch(args, "run", source, "-o", answers, "--overwrite", "--quiet", "--model", args.model, "--device",
+                     args.device, "--allow-null", "--report", report, *LENGTHS, *extra)
+        with open(report) as f:
+            rep = json.load(f)
+        ev = evaluate(args, answers, gold["articles"])
+        answered = rep["documents"] or rep["rows"]
+        out[name] = {"rows": rep["rows"], "chunks": rep["chunks"], "answers": answered, "elapsed_s": rep["elapsed_s"],
+                     "answers_per_s": round(answered / rep["elapsed_s"], 2), "f1": ev["f1"],
+                     "has_answer_f1": ev["has_answer"]["f1"], "no_answer_exact": ev["no_answer"]["exact"],
+                     "peak_rss_mb": rep["peak_rss_mb"]}
+    return out
+
+
 def pct(x) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
-def markdown(quality_res: dict, cal_res: dict, args) -> str:
+def markdown(quality_res: dict, cal_res: dict, args, doc_res: dict | None = None) -> str:
     lines = [f"### {args.device_name}, {dt.date.today().isoformat()} (commit {args.commit})", ""]
+    if doc_res:
+        lines += ["| every question of an article asked of | rows | chunks | answers | F1 | HasAns F1 | NoAns EM | "
+                  "answers/s | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in doc_res.items():
+            lines.append(f"| {name} | {r['rows']:,} | {r['chunks']:,} | {r['answers']} | {pct(r['f1'])} | "
+                         f"{pct(r['has_answer_f1'])} | {pct(r['no_answer_exact'])} | {r['answers_per_s']:.2f} | "
+                         f"{r['peak_rss_mb']:.0f} MB |")
+        lines.append("")
     if quality_res:
         lines += ["| setting | system | EM | F1 | HasAns EM / F1 | NoAns EM | best F1 (threshold) | "
                   "same span as float32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -276,12 +335,13 @@ def main() -> None:
     steps = args.steps.split(",")
     q = quality(args, gold) if "quality" in steps else {}
     c = calibration(args, gold) if "calibration" in steps else {}
-    text = markdown(q, c, args)
+    d = documents(args, gold) if "documents" in steps else {}
+    text = markdown(q, c, args, d)
     print(text)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump({"device": args.device_name, "commit": args.commit, "date": dt.date.today().isoformat(),
-                   "quality": q, "calibration": c}, f, indent=2)
+                   "quality": q, "calibration": c, "documents": d}, f, indent=2)
     if args.append:
         with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
             f.write("\n" + text + "\n")

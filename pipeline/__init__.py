@@ -22,7 +22,9 @@ The data flow through stages/, in the order a row travels:
     decode  (spans.py)    logits         -> best spans per chunk, searched on the device
     merge   (merge.py)    chunk spans    -> one answer (or top-k) per row (answers.py: the records)
     write   (write.py)    answers        -> Arrow tables of the output schema
-            (wide.py)                       --wide: one row per document, a column group per field
+            (wide.py)                       --wide: one row per input row, a column group per field
+            (documents.py)                  --document-col: each pair's candidates, reduced by document
+            (shape.py)                      the windows' tables -> the output's (pairs, wide, documents)
 
 The engines (engines/), which run the stages:
 

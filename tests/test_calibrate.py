@@ -249,6 +249,28 @@ def test_eval_of_answers_without_scores_searches_no_threshold(tmp_path):
     assert "lack a best span" in rep.threshold_note
 
 
+def test_a_calibration_applies_to_the_answers_of_documents(fitted):
+    """--document-col with --calibration: the documents' null decisions are those of the bias as
+    --null-threshold, and their confidence the calibrator's probability of the document's logits."""
+    d, cal = fitted["dir"], fitted["cal"]
+    grouped = ["--document-col", "title", "--question", "When were the Normans in Normandy?", "--question",
+               "What is a complexity class?", *fitted["common"]]
+    r = run_cli("run", fitted["sample"], "-o", d / "docs-calibrated.parquet", *grouped, "--calibration", d / "cal.json")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", fitted["sample"], "-o", d / "docs-threshold.parquet", *grouped, "--allow-null",
+                "--null-threshold", repr(cal["null_bias"]))
+    assert r.returncode == 0, r.stderr
+    calibrated, by_hand = pq.read_table(d / "docs-calibrated.parquet"), pq.read_table(d / "docs-threshold.parquet")
+    assert calibrated.num_rows == 4 and min(calibrated["passages"].to_pylist()) > 1  # 2 articles x 2 questions
+    assert_same_answers(calibrated.drop_columns(["confidence", "answers"]),
+                        by_hand.drop_columns(["confidence", "answers"]))
+    logits = RowLogits(span_score=[a[0]["score"] for a in calibrated["answers"].to_pylist()],
+                       runner_up=calibrated["runner_up_score"].to_pylist(),
+                       null_score=calibrated["null_score"].to_pylist(), log_norm=calibrated["log_norm"].to_pylist())
+    expected = calibrate.load(str(d / "cal.json")).probability(logits)
+    np.testing.assert_allclose(calibrated["confidence"].to_numpy(), expected, rtol=1e-5)
+
+
 def test_a_calibration_refitted_between_a_kill_and_the_rerun_is_not_mixed_in(fitted, tmp_path):
     """Parts answered with one calibration are never assembled with parts answered with another
     under the same path: the manifest holds the calibration's digest, not only its path."""

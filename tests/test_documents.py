@@ -311,3 +311,35 @@ def test_the_cli_exits_2_on_a_missing_document_column_before_loading_the_model(t
     r = run_cli("run", src, "--model", tmp_path / "no-model", "--document-col", "doc_id")
     assert r.returncode == 2
     assert "column 'doc_id' is missing" in r.stderr and "no-model" not in r.stderr
+
+
+def test_a_document_of_many_pages_keeps_only_its_best_candidates():
+    """The reduction holds per (document, question) its best max(top_k, 2) candidates and three
+    numbers, however many pages stream past: memory follows documents x --top-k, not pages."""
+    from pipeline.stages.documents import Grouper, Grouping, pair_schema
+    from pipeline.stages.read import InputPlan
+
+    plan = InputPlan(files=(), passage_col="passage", question_col="question", id_col=None, keep_columns=(),
+                     total_rows=0, file_rows=(), id_type=None, keep_types=(), document_col="doc",
+                     document_type=pa.string())
+    schema = pair_schema(plan, Grouping("doc"))
+    grouper = Grouper(plan, Grouping("doc"), top_k=3, allow_null=True, null_threshold=0.0)
+    rng = np.random.default_rng(0)
+    best = (-math.inf, None)
+    for window in range(20):
+        n = 500
+        scores = rng.normal(size=(n, 3)).astype(np.float32)
+        rows = window * n + np.arange(n)
+        for r, s in zip(rows, scores.max(axis=1)):
+            best = max(best, (float(s), int(r)), key=lambda t: t[0])
+        grouper.feed(pa.Table.from_pydict({
+            "doc": ["a" if r % 7 else "b" for r in rows], "passage": rows, "question": ["q"] * n,
+            "candidates": [[{"text": "x", "start": 0, "end": 1, "score": float(v)} for v in sorted(s, reverse=True)]
+                           for s in scores],
+            "null_score": np.full(n, -3.0, np.float32), "log_norm": np.log(np.exp(scores).sum(axis=1)).astype(float),
+            "chunks": np.ones(n, np.int32), "error": [None] * n}, schema=schema))
+        assert all(len(g.candidates) <= 3 for g in grouper.groups.values())
+    assert len(grouper.groups) == 2 and sum(g.passages for g in grouper.groups.values()) == 10_000
+    answers = {g.document: grouper.answers(g) for g in grouper.groups.values()}
+    winner = answers["a" if best[1] % 7 else "b"]
+    assert winner.answer.passage == best[1] and winner.score == pytest.approx(best[0])

@@ -114,7 +114,7 @@ class Lifecycle(RuleBasedStateMachine):
             f.write("\n".join(QUESTIONS) + "\n")
         with open(os.path.join(self.base, "notes.txt"), "w") as f:
             f.write("not qa-batch's")
-        self.sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
+        self.sample = pq.read_table(SAMPLE).select(["id", "passage", "question", "title"])
         self.files = 0
         # the test's own bookkeeping, per output path: which job owns the output, and which job
         # left parts in the work directory (a job is the key of its command: inputs, model, options)
@@ -132,7 +132,7 @@ class Lifecycle(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the world changes
 
     @initialize(rows=st.sampled_from([3, 6]), kind=st.sampled_from(["plain", "default_glob", "slash"]),
-                questions=st.sampled_from(["no", "long", "wide"]),
+                questions=st.sampled_from(["no", "long", "wide", "documents"]),
                 stop=st.one_of(st.none(), st.sampled_from(LOCAL_POINTS + RAY_POINTS)))
     def first_run(self, rows, kind, questions, stop):
         """Every example starts with an input and a run, often killed: the rest is what follows."""
@@ -233,7 +233,7 @@ class Lifecycle(RuleBasedStateMachine):
     stops = st.one_of(st.none(), st.none(), st.just("SIGTERM"), st.sampled_from(LOCAL_POINTS + RAY_POINTS))
 
     @rule(kind=st.sampled_from(["plain", "plain", "relative", "slash", "inside_input", "default_glob"]),
-          top_k=st.sampled_from([1, 2]), questions=st.sampled_from(["no", "long", "wide"]),
+          top_k=st.sampled_from([1, 2]), questions=st.sampled_from(["no", "long", "wide", "documents"]),
           limit=st.sampled_from([None, 5]), overwrite=st.booleans(), restart=st.booleans(), stop=stops)
     def run(self, kind, top_k, questions, limit, overwrite, restart, stop):
         self.do_run(kind, top_k, questions, limit, overwrite, restart, stop)
@@ -252,7 +252,7 @@ class Lifecycle(RuleBasedStateMachine):
         if change == "top_k":
             last["top_k"] = 3 - last["top_k"]
         elif change == "questions":
-            last["questions"] = {"no": "long", "long": "wide", "wide": "no"}[last["questions"]]
+            last["questions"] = {"no": "long", "long": "wide", "wide": "documents", "documents": "no"}[last["questions"]]
         elif change == "limit":
             last["limit"] = None if last["limit"] else 5
         else:
@@ -265,7 +265,9 @@ class Lifecycle(RuleBasedStateMachine):
         if stop is not None and stop != "SIGTERM" and stop not in self.points:
             stop = None
         options = [*FAST, "--top-k", str(top_k)]
-        if questions != "no":
+        if questions == "documents":  # the rows of one article are one document
+            options += ["--document-col", "title"]
+        elif questions != "no":
             options += ["--questions", os.path.join(self.base, "q.txt")] + (["--wide"] if questions == "wide" else [])
         if limit is not None:
             options += ["--limit", str(limit)]
@@ -353,7 +355,8 @@ class Lifecycle(RuleBasedStateMachine):
         assert metadata_of(where)["model"] == metadata_of(self.oracle_path(key))["model"], context
         with open(report) as f:
             rep = json.load(f)
-        assert rep["rows"] == got.num_rows, f"the report counts {rep['rows']} rows\n{context}"
+        counted = rep["documents"] if "--document-col" in options else rep["rows"]
+        assert counted == got.num_rows, f"the report counts {counted} output rows, the output has {got.num_rows}\n{context}"
         assert rep["rows_this_run"] + rep["resumed_from_row"] == rep["rows"] or rep["resumed_from_row"] == 0, context
         if resumable:  # a rerun of an interrupted job answers only the rows its parts lacked
             assert rep["resumed_from_row"] > 0, f"it did not resume\n{context}"

@@ -69,6 +69,8 @@ class RunSummary:
 
         def counts(rows: int, answered: int, null: int, errors: int, chunks: int) -> str:
             asked = f" to {plural(q, 'question')} of {plural(Count.of_answers(rows, q).rows, 'row')}" if q else ""
+            if self.documents:  # pairs are not answered one by one: their documents are, below
+                return f"{plural(rows, unit)}{asked} ({plural(errors, 'error')}), {plural(chunks, 'chunk')}"
             return (f"{plural(rows, unit)}{asked} ({answered} answered, {null} null, {plural(errors, 'error')}), "
                     f"{plural(chunks, 'chunk')}")
 
