@@ -123,6 +123,16 @@ def run(
     rows_per_window: int = typer.Option(1024, help="Rows tokenized, length-sorted and merged together.", rich_help_panel="Throughput"),
     limit: Optional[int] = typer.Option(None, show_default=False, help="Answer only the first N rows.", rich_help_panel="Input and output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel="Input and output"),
+    table_format: str = typer.Option("parquet", "--table-format", rich_help_panel="Tables",
+        help="parquet (a file), or delta: -o names a Delta Lake table (created by the first run), and the run's "
+             "answers become its data files in one commit: appended, or with --partition replacing that partition "
+             "(pip install 'qa-batch\\[delta]')."),
+    partition: Optional[List[str]] = typer.Option(None, "--partition", show_default=False, rich_help_panel="Tables",
+        help="KEY=VALUE, repeatable (e.g. date=2026-12-01): the table partition this run writes; a rerun of the "
+             "same partition replaces it, so each night's answers are in the table once."),
+    schema_mode: str = typer.Option("error", "--schema-mode", rich_help_panel="Tables",
+        help="error: a run whose output columns differ from the table's is refused (exit 2, naming the "
+             "difference); merge: new columns are added to the table."),
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it.", rich_help_panel="Input and output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line.", rich_help_panel="Running"),
@@ -173,6 +183,7 @@ def run(
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
         engine=engine, ray_address=ray_address, num_gpus=_gpus(num_gpus), num_cpus_per_worker=num_cpus_per_worker,
         rows_per_batch=rows_per_batch, calibration=calibration, force_calibration=force_calibration,
+        table_format=table_format, partition=tuple(partition or ()), schema_mode=schema_mode,
     )
     stop = threading.Event()
     received: list[int] = []

@@ -49,6 +49,9 @@ class RunConfig:
     restart: bool = False  # discard the parts of an interrupted run instead of resuming it
     quiet: bool = False
     report: str | None = None
+    table_format: str = "parquet"  # "delta": -o names a Delta Lake table the run commits to (delta_table.py)
+    partition: tuple[str, ...] = ()  # --partition KEY=VALUE: the table partition a run replaces
+    schema_mode: str = "error"  # "merge": a table run may add new columns to the table's schema
     engine: str = "local"  # "ray": Ray Data actors (ray_engine.py)
     ray_address: str | None = None  # None: start a local Ray instance
     num_gpus: int | None = None  # with --engine ray: GPU actors, one GPU each; None (auto): one per GPU of the cluster; 0: CPU actors
@@ -72,4 +75,5 @@ class RunConfig:
         d["keep_columns"] = list(self.keep_columns)
         d["question"] = list(self.question)
         d["devices"] = list(self.devices)
+        d["partition"] = list(self.partition)
         return d

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from .. import __version__, storage
+from .. import __version__, faults, storage
 from ..config import RunConfig
 from ..errors import UsageError
 from ..models import onnx_backend
@@ -28,6 +28,7 @@ from ..stages.read import InputPlan, plan_inputs
 from ..stages.documents import Grouping
 from ..stages.shape import OutputShape, PerDocument, PerPair
 from ..stages.write import read_metadata
+from . import delta_table
 from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
@@ -69,6 +70,7 @@ def check_options(c: RunConfig) -> None:
     need(c.rows_per_window >= 1, "--rows-per-window must be at least 1")
     need(c.cpu_workers is None or c.cpu_workers >= 1, "--cpu-workers must be at least 1")
     check_grouping(c)
+    check_table_options(c)
     onnx_backend.check_options(c)  # --backend: known, on the CPU, installed
 
 
@@ -90,6 +92,27 @@ def check_grouping(c: RunConfig) -> None:
         raise UsageError("--across-rows gives one output row per question already: drop --wide")
 
 
+def check_table_options(c: RunConfig) -> None:
+    """--table-format and what goes with it."""
+    if c.table_format not in ("parquet", "delta"):
+        raise UsageError(f"--table-format {c.table_format}: expected parquet or delta")
+    if c.table_format == "parquet":
+        if c.partition:
+            raise UsageError("--partition needs a table: add --table-format delta (a Parquet file has no partitions)")
+        if c.schema_mode != "error":
+            raise UsageError("--schema-mode applies to a table: add --table-format delta")
+        return
+    if c.schema_mode not in ("error", "merge"):
+        raise UsageError(f"--schema-mode {c.schema_mode}: expected error or merge")
+    if c.overwrite:
+        raise UsageError("--overwrite does not apply to a Delta table: a run appends to it, or with --partition "
+                         "replaces that partition (a rerun of the same night replaces that night's answers)")
+    if c.engine != "local":
+        raise UsageError("--table-format delta runs on the local engine (and --devices) in this version: drop "
+                         "--engine ray, or write Parquet files with it and load them into the table")
+    delta_table.parse_partition(c.partition)
+
+
 def grouping(c: RunConfig) -> Grouping | None:
     return Grouping(c.document_col) if c.document_col is not None or c.across_rows else None
 
@@ -97,7 +120,9 @@ def grouping(c: RunConfig) -> Grouping | None:
 def answer_identity(c: RunConfig, calibration: calibrate.Calibration | None) -> dict:
     """The options that change answers or the output's shape, as a resume manifest holds them
     (both engines), the calibration named by the digest of its parameters."""
-    return {**c.answer_options(), "wide": c.wide, **calibrate.calibration_identity(c, calibration)}
+    table = {"table_format": c.table_format, "partition": list(c.partition), "schema_mode": c.schema_mode} \
+        if c.table_format != "parquet" else {}  # where the answers go: another partition is another job
+    return {**c.answer_options(), "wide": c.wide, **table, **calibrate.calibration_identity(c, calibration)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,8 +231,10 @@ class Job:
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns, questions, config.document_col)
         output = config.output or default_output_for(config.inputs, plan.files)
+        if config.table_format == "delta" and not config.output:  # a table is a folder: <stem>.answers
+            output = output.replace(".answers.parquet", ".answers", 1)
         if output != storage.without_trailing_slash(output):  # out/: a folder's name
-            if config.engine != "ray":
+            if config.engine != "ray" and config.table_format == "parquet":
                 raise UsageError(f"-o {output} names a folder (it ends in /), and the local engine writes one "
                                  "Parquet file: give a file path (e.g. -o {0}answers.parquet), or use --engine ray, "
                                  "which writes a folder of files".format(output))
@@ -226,8 +253,18 @@ class Job:
         """Where the loop puts finished windows: parts of the work directory."""
         return Target(self.config, self.plan, self.shape, self.parts.write_part, self.parts.path)
 
+    @property
+    def partition(self) -> dict[str, str]:
+        return delta_table.parse_partition(self.config.partition)
+
     def check_output(self) -> None:
-        """Before any model work: the output path is usable (an output this job wrote may stay)."""
+        """Before any model work: the output path is usable (an output this job wrote may stay);
+        a Delta table has this run's partition columns and schema."""
+        if self.config.table_format == "delta":
+            if not storage.is_uri(self.output) and not os.path.isdir(storage.parent(self.output)):
+                raise UsageError(f"output directory {storage.parent(self.output)} does not exist")
+            delta_table.check_table(self.output, self.file_schema, self.partition, self.config.schema_mode)
+            return
         check_output(self.output, self.plan, self.config.overwrite or self.parts.wrote(self.output))
 
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
@@ -252,7 +289,7 @@ class Job:
                         "rows_per_window": c.rows_per_window},
             "schema": self.shape.window_schema.to_string(),
             "versions": versions(c),
-        }, self.output, c.restart, c.overwrite)
+        }, self.output, c.restart, c.overwrite or c.table_format != "parquet")  # a table is meant to exist
         if opened is Opened.FINISHED:
             return None
         return self.parts.todo(self.total_rows, c.rows_per_window)
@@ -260,8 +297,11 @@ class Job:
     def already_done(self) -> RunSummary:
         """The summary stored in this job's output; the work directory's leftovers removed."""
         self.parts.remove()
-        return write_report(RunSummary.from_dict({**read_metadata(self.output)["summary"], "output": self.output}),
-                            self.config)
+        if self.config.table_format == "delta":
+            stored = delta_table.summary_of(self.output, self.parts.job_id)
+        else:
+            stored = read_metadata(self.output)["summary"]
+        return write_report(RunSummary.from_dict({**stored, "output": self.output}), self.config)
 
     def finish(self, summary: RunSummary, metadata: dict, this_run: Progress) -> RunSummary:
         """Assemble the parts into the output; the summary counts every part and this run's rows,
@@ -278,8 +318,18 @@ class Job:
             return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
                                "summary": summary.as_dict()}).encode()
 
-        self.parts.assemble(self.output, self.shape, final_metadata)
-        summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+        if self.config.table_format == "delta":  # the answers are written inside the table, then committed
+            path = delta_table.data_file(self.output, self.partition, self.parts.job_id)
+            storage.make_dirs(storage.parent(path))
+            counts = self.parts.assemble(path, self.shape, final_metadata)
+            summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+            delta_table.commit(self.output, path, counts["output_rows"], self.file_schema, self.partition,
+                               self.parts.job_id, summary.as_dict(), self.config.schema_mode)
+        else:
+            self.parts.assemble(self.output, self.shape, final_metadata)
+            summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+        faults.point("cleaning_up")
+        self.parts.remove()
         return write_report(summary, self.config)
 
 

@@ -37,7 +37,7 @@ from ..errors import RuntimeFailure, UsageError
 from ..stages.read import InputPlan
 from ..stages.shape import OutputShape
 from ..stages.write import read_metadata
-from . import commit
+from . import commit, delta_table
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d{12})\.parquet$")
@@ -114,8 +114,13 @@ def output_job_id(output: str) -> str | None:
 
 
 def _is_output_of(manifest: dict | None, output: str) -> bool:
-    """Does `output` carry the job id of `manifest` (the output that job wrote)?"""
-    return manifest is not None and manifest.get("job_id") is not None and output_job_id(output) == manifest["job_id"]
+    """Does `output` carry the job id of `manifest` (the output that job wrote, or a Delta table
+    it committed to)?"""
+    if manifest is None or manifest.get("job_id") is None:
+        return False
+    if delta_table.is_table(output):
+        return delta_table.committed(output, manifest["job_id"])
+    return output_job_id(output) == manifest["job_id"]
 
 
 def readable(path: str) -> bool:
@@ -256,7 +261,7 @@ class WorkDir:
                 "fix the cause (disk space, permissions) and rerun the same command to resume") from None
 
     def assemble(self, output: str, shape: OutputShape, metadata_for: Callable[[dict], bytes]) -> dict:
-        """Copy the parts, in order, into `output` (atomically), then remove the work directory.
+        """Copy the parts, in order, into `output` (atomically); the caller removes the work directory.
 
         `metadata_for(counts)` gives the file's qa_batch metadata from the counts over all
         parts (rows, chunks, answered, errors; with documents also theirs), which are also
@@ -282,8 +287,11 @@ class WorkDir:
         try:
             fs, inner = storage.locate(tmp)
             with pq.ParquetWriter(inner, shape.schema, compression="zstd", filesystem=fs) as writer:
+                written = 0
                 for table in shape.assemble(parts(), counts):
                     writer.write_table(table)
+                    written += table.num_rows
+                counts["output_rows"] = written
                 writer.add_key_value_metadata({"qa_batch": metadata_for(counts)})
             storage.sync(tmp)
         except OSError as e:
@@ -294,8 +302,6 @@ class WorkDir:
                 "kept: fix the cause and rerun the same command to resume") from None
         faults.point("renaming")
         storage.move(tmp, output)  # from here the output carries this job's id: a rerun only cleans up
-        faults.point("cleaning_up")
-        self.remove()
         return counts
 
     def remove(self) -> None:

@@ -1,0 +1,197 @@
+"""--table-format delta: the output is a Delta Lake table, and a run's answers become its data
+files in one commit.
+
+    <table>/                                  the Delta table (-o), created by the first run
+        _delta_log/                           its transaction log
+        date=2026-12-01/                      a partition (--partition date=2026-12-01)
+            part-<job id>-00000.parquet       this run's answers: written by the assembly, then registered
+    <table>.partial/                          the work directory of parts, as for a Parquet output
+
+The commit is one Delta transaction (delta-rs, the `deltalake` package) that registers the
+file the run wrote (no row is copied again): with --partition it replaces that partition
+(Delta's predicate overwrite, `replaceWhere`: a reader sees the old partition or the new one,
+never both, never neither); without, it appends. The transaction carries the app id
+`qa-batch-<job id>` (Delta's idempotent transactions, the `txn` action), so a rerun after a
+kill at any point knows whether its job committed: before the commit, it writes the file again
+under the same name (a file no commit names is invisible to readers) and commits; after it,
+only the clean-up is left. The commit's custom metadata holds the job id and the run summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pyarrow as pa
+
+from .. import faults, storage
+from ..errors import RuntimeFailure, UsageError
+
+APP = "qa-batch-"  # + job id: the Delta app id of a job's commit
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_partition(values: tuple[str, ...]) -> dict[str, str]:
+    """--partition date=2026-12-01 (repeatable) -> {"date": "2026-12-01"}, in the order given."""
+    out: dict[str, str] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not _KEY.match(key) or not value:
+            raise UsageError(f"--partition {v!r}: expected KEY=VALUE with a column name as KEY (e.g. "
+                             "--partition date=2026-12-01)")
+        if key in out:
+            raise UsageError(f"--partition {key} is given twice: give each partition column once")
+        if "/" in value or value in (".", ".."):
+            raise UsageError(f"--partition {v!r}: a partition value cannot hold '/'")
+        out[key] = value
+    return out
+
+
+def _deltalake():
+    try:
+        import deltalake
+    except ImportError:
+        raise UsageError("--table-format delta needs the deltalake package: pip install 'qa-batch[delta]' "
+                         "(in a checkout: pip install -e '.[delta]')") from None
+    return deltalake
+
+
+def is_table(uri: str) -> bool:
+    return storage.is_dir(storage.join(uri, "_delta_log"))
+
+
+def _options(uri: str) -> dict[str, str] | None:
+    """delta-rs storage options for an object store: the S3 endpoint the rest of qa-batch uses
+    (AWS_ENDPOINT_URL_S3), plain HTTP allowed when it says so; credentials from AWS_* as usual."""
+    import os
+
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"conditional_put": "etag"}  # S3's conditional writes: no external lock needed for the log
+    if endpoint:
+        options["endpoint_url"] = endpoint
+        options["allow_http"] = str(endpoint.startswith("http://")).lower()
+    return options
+
+
+def _open(uri: str):
+    return _deltalake().DeltaTable(uri, storage_options=_options(uri))
+
+
+def _logical(t: pa.DataType) -> str:
+    """A type as Delta stores it: the Arrow string and binary encodings are one type there."""
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_logical(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {_logical(f.type)}" for f in t) + ">"
+    return str(t)
+
+
+def table_schema(file_schema: pa.Schema, partition: dict[str, str]) -> pa.Schema:
+    """The table's columns: the output's, then the partition columns (strings)."""
+    clash = [k for k in partition if k in file_schema.names]
+    if clash:
+        raise UsageError(f"--partition {clash[0]}: the output has a column {clash[0]!r} of its own; name the "
+                         "partition column otherwise")
+    return pa.schema([*file_schema, *(pa.field(k, pa.string()) for k in partition)])
+
+
+def check_table(uri: str, file_schema: pa.Schema, partition: dict[str, str], schema_mode: str) -> None:
+    """Before any model work: `uri` is absent (created by the commit) or a Delta table with this
+    run's partition columns and schema (or, with --schema-mode merge, one the run adds columns to)."""
+    run = table_schema(file_schema, partition)
+    try:
+        if storage.exists(uri) and not is_table(uri):
+            raise UsageError(f"output {uri} exists and is not a Delta table (no _delta_log): choose another "
+                             "path with -o, or drop --table-format delta to write a Parquet file")
+        if not storage.exists(uri):
+            return
+        table = _open(uri)
+    except OSError as e:
+        raise UsageError(f"output {uri} cannot be checked: {e}") from None
+    columns = list(table.metadata().partition_columns)
+    if columns != list(partition):
+        have = ", ".join(columns) or "none"
+        raise UsageError(f"the Delta table {uri} is partitioned by {have}, this run by "
+                         f"{', '.join(partition) or 'none'}: give --partition for exactly its partition columns")
+    differences = schema_difference(pa.schema(table.schema().to_arrow()), run)
+    if differences and (schema_mode != "merge" or any(not d.startswith("new column") for d in differences)):
+        raise UsageError(f"the Delta table {uri} has another schema than this run's output: "
+                         + "; ".join(differences) + ". Rerun with the options that made the table"
+                         + (", or pass --schema-mode merge to add the new columns" if schema_mode != "merge" else
+                            " (--schema-mode merge adds new columns only)"))
+
+
+def schema_difference(table: pa.Schema, run: pa.Schema) -> list[str]:
+    """What differs, column by column: missing, new, or of another type."""
+    out = []
+    have = {f.name: f for f in table}
+    for f in run:
+        if f.name not in have:
+            out.append(f"new column {f.name} ({_logical(f.type)})")
+        elif _logical(have[f.name].type) != _logical(f.type):
+            out.append(f"column {f.name} is {_logical(have[f.name].type)} in the table, {_logical(f.type)} here")
+    out += [f"column {name} of the table is not in this run's output" for name in have if name not in run.names]
+    return out
+
+
+def data_file(uri: str, partition: dict[str, str], job_id: str) -> str:
+    """Where the assembly writes this job's answers: inside the table, in its partition's folder."""
+    return storage.join(uri, *(f"{k}={v}" for k, v in partition.items()), f"part-{job_id}-00000.parquet")
+
+
+def committed(uri: str, job_id: str | None) -> bool:
+    """Has the job with this id committed to the table at `uri`?"""
+    if job_id is None or not is_table(uri):
+        return False
+    return _open(uri).transaction_version(APP + job_id) is not None
+
+
+def commit(uri: str, path: str, rows: int, file_schema: pa.Schema, partition: dict[str, str], job_id: str,
+           summary: dict, schema_mode: str) -> None:
+    """Register `path` (written inside the table) in one transaction: replacing the partition, or
+    appending without one; creating the table on its first run."""
+    dl = _deltalake()
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    info = storage.info(path)
+    add = AddAction(storage.relative(uri, path), info.size, dict(partition), info.mtime_ns // 1_000_000 or
+                    int(time.time() * 1000), True, json.dumps({"numRecords": rows}))
+    properties = dl.CommitProperties(
+        custom_metadata={"qa_batch.job_id": job_id, "qa_batch.summary": json.dumps(summary, sort_keys=True)},
+        app_transactions=[dl.Transaction(APP + job_id, 1)])
+    schema = table_schema(file_schema, partition)
+    faults.point("table_committing")
+    try:
+        if not is_table(uri):
+            create_table_with_add_actions(uri, dl.Schema.from_arrow(schema), [add], mode="error",
+                                          partition_by=list(partition) or None,
+                                          storage_options=_options(uri), commit_properties=properties)
+        else:
+            table = _open(uri)
+            if schema_mode == "merge":
+                have = pa.schema(table.schema().to_arrow())  # its columns, then the new ones (check_table)
+                schema = pa.schema([*have, *(f for f in schema if f.name not in have.names)])
+            table.create_write_transaction(
+                [add], mode="overwrite" if partition else "append", schema=schema,
+                partition_by=list(partition) or None,
+                partition_filters=[(k, "=", v) for k, v in partition.items()] or None, commit_properties=properties)
+    except OSError as e:
+        raise RuntimeFailure(f"could not commit to the Delta table {uri}: {e}. The answers are kept: rerun the "
+                             "same command to commit them") from None
+    faults.point("table_committed")
+
+
+def summary_of(uri: str, job_id: str) -> dict:
+    """The run summary the job's commit recorded."""
+    for entry in _open(uri).history():
+        if entry.get("qa_batch.job_id") == job_id:
+            return json.loads(entry["qa_batch.summary"])
+    raise RuntimeFailure(f"the Delta table {uri} names job {job_id} as committed but its commit was not found in "
+                         "the table's history")

@@ -1,0 +1,166 @@
+"""--table-format delta on a real Delta table (delta-rs): nightly partitions replaced idempotently.
+
+Every run is the CLI as a subprocess; the table is read back as an analyst would, with polars
+(`read_delta`) and DuckDB (over the table's Arrow dataset: DuckDB's own delta extension is
+downloaded on first use, which this offline machine cannot do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SAMPLE, run_cli
+
+deltalake = pytest.importorskip("deltalake")
+
+FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory, checkpoints):
+    """Two nights' inputs of different sizes, so that a partition's rows say which night wrote them."""
+    base = tmp_path_factory.mktemp("delta")
+    sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
+    inputs = {}
+    for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
+        inputs[name] = str(base / f"{name}.parquet")
+        pq.write_table(sample.slice(start, n), inputs[name])
+    return {"inputs": inputs, "model": checkpoints["bert"], "base": base}
+
+
+def nightly(nights, table, night: str, date: str, *extra, env=None):
+    return run_cli("run", nights["inputs"][night], "-o", table, "--model", nights["model"], "--table-format", "delta",
+                   "--partition", f"date={date}", *FAST, *extra, env=env)
+
+
+def rows_by_date(table) -> dict[str, int]:
+    import polars as pl
+
+    df = pl.read_delta(str(table))
+    return dict(df.group_by("date").len().iter_rows()) if df.height else {}
+
+
+def commits(table) -> list[str]:
+    return [h["qa_batch.job_id"] for h in deltalake.DeltaTable(str(table)).history() if "qa_batch.job_id" in h]
+
+
+def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path):
+    table = tmp_path / "answers"
+    for night, date in (("monday", "2026-11-30"), ("tuesday", "2026-12-01"), ("tuesday", "2026-12-01"),
+                        ("monday", "2026-12-02")):
+        r = nightly(nights, table, night, date)
+        assert r.returncode == 0, r.stderr
+    assert rows_by_date(table) == {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
+    assert len(commits(table)) == 4 and len(set(commits(table))) == 4  # a commit per run, each its job id
+    assert not os.path.exists(str(table) + ".partial")
+    # as an analyst reads it: DuckDB over the table's current files
+    import duckdb
+
+    dataset = deltalake.DeltaTable(str(table)).to_pyarrow_dataset()  # noqa: F841 (read by name below)
+    counts = dict(duckdb.sql("select date, count(*) from dataset group by date").fetchall())
+    assert counts == {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
+    # the summary of the run is in its commit, and the data file holds the usual metadata
+    history = deltalake.DeltaTable(str(table)).history()
+    summary = json.loads(history[0]["qa_batch.summary"])
+    assert summary["rows"] == 4 and summary["output"] == str(table)
+    files = deltalake.DeltaTable(str(table)).file_uris()
+    meta = json.loads(pq.read_metadata(files[0]).metadata[b"qa_batch"])
+    assert meta["options"]["table_format"] == "delta" and meta["job_id"] in commits(table)
+
+
+@pytest.mark.parametrize("point", ["assembling:1", "renaming:1", "table_committing:1", "table_committed:1",
+                                   "cleaning_up:1"])
+def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
+        nights, tmp_path, point):
+    table = tmp_path / "answers"
+    assert nightly(nights, table, "monday", "2026-12-01").returncode == 0  # the night's first run: 4 rows
+    r = nightly(nights, table, "tuesday", "2026-12-01", env={"QA_BATCH_CRASH_AT": point})  # a rerun: 6 rows, killed
+    assert r.returncode == -9
+    committed = point in ("table_committed:1", "cleaning_up:1")
+    assert rows_by_date(table) == {"2026-12-01": 6 if committed else 4}  # never both, never neither
+    r = nightly(nights, table, "tuesday", "2026-12-01", "--report", tmp_path / "report.json")
+    assert r.returncode == 0, r.stderr
+    assert rows_by_date(table) == {"2026-12-01": 6}
+    assert len(commits(table)) == 2, "the rerun committed the job a second time"
+    assert not os.path.exists(str(table) + ".partial")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rows"] == 6 and report["output"] == str(table)
+
+
+def test_a_run_of_another_schema_is_refused_unless_merged(nights, tmp_path):
+    table = tmp_path / "answers"
+    assert nightly(nights, table, "monday", "2026-12-01").returncode == 0
+    r = nightly(nights, table, "tuesday", "2026-12-02", "--top-k", "2")
+    assert r.returncode == 2
+    assert "new column answers" in r.stderr and "--schema-mode merge" in r.stderr
+    assert rows_by_date(table) == {"2026-12-01": 4}
+    r = nightly(nights, table, "tuesday", "2026-12-02", "--top-k", "2", "--schema-mode", "merge")
+    assert r.returncode == 0, r.stderr
+    import polars as pl
+
+    df = pl.read_delta(str(table))
+    assert dict(df.group_by("date").len().iter_rows()) == {"2026-12-01": 4, "2026-12-02": 6}
+    assert df.filter(pl.col("date") == "2026-12-01")["answers"].null_count() == 4
+    assert df.filter(pl.col("date") == "2026-12-02")["answers"].null_count() == 0
+    # a column the run lacks is a difference merge does not paper over
+    r = nightly(nights, table, "tuesday", "2026-12-03")
+    assert r.returncode == 2 and "column answers of the table is not in this run's output" in r.stderr
+
+
+def test_without_a_partition_runs_append(nights, tmp_path):
+    table = tmp_path / "answers"
+    for night in ("monday", "tuesday"):
+        r = run_cli("run", nights["inputs"][night], "-o", table, "--model", nights["model"], "--table-format",
+                    "delta", *FAST)
+        assert r.returncode == 0, r.stderr
+    import polars as pl
+
+    assert pl.read_delta(str(table)).height == 10
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--table-format", "delta", "--partition", "date"), "expected KEY=VALUE"),
+    (("--partition", "date=2026-12-01"), "--partition needs a table: add --table-format delta"),
+    (("--table-format", "delta", "--overwrite"), "--overwrite does not apply to a Delta table"),
+    (("--table-format", "delta", "--engine", "ray"), "runs on the local engine"),
+    (("--table-format", "delta", "--partition", "question=x"), "the output has a column 'question' of its own"),
+    (("--table-format", "iceberg",), "expected parquet or delta"),
+])
+def test_bad_table_options_are_refused_before_any_model_work(nights, tmp_path, extra, match):
+    r = run_cli("run", nights["inputs"]["monday"], "-o", tmp_path / "t", "--model", tmp_path / "no-model", *extra)
+    assert r.returncode == 2 and match in r.stderr, r.stderr
+
+
+def test_a_folder_that_is_not_a_delta_table_is_refused(nights, tmp_path):
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("not a table")
+    r = nightly(nights, folder, "monday", "2026-12-01")
+    assert r.returncode == 2 and "is not a Delta table" in r.stderr
+    assert os.listdir(folder) == ["mine.txt"]
+
+
+def test_a_table_partitioned_otherwise_is_refused(nights, tmp_path):
+    table = tmp_path / "answers"
+    assert nightly(nights, table, "monday", "2026-12-01").returncode == 0
+    r = run_cli("run", nights["inputs"]["monday"], "-o", table, "--model", nights["model"], "--table-format", "delta",
+                "--partition", "day=1", *FAST)
+    assert r.returncode == 2 and "is partitioned by date, this run by day" in r.stderr
+
+
+def test_documents_go_to_a_table_too(nights, tmp_path):
+    table = tmp_path / "answers"
+    src = tmp_path / "pages.parquet"
+    pq.write_table(pa.table({"doc": ["a", "b", "a"], "passage": ["one two", "three four", "five six"]}), src)
+    r = run_cli("run", src, "-o", table, "--model", nights["model"], "--table-format", "delta", "--partition",
+                "date=2026-12-01", "--document-col", "doc", "--question", "which?", *FAST)
+    assert r.returncode == 0, r.stderr
+    import polars as pl
+
+    df = pl.read_delta(str(table)).sort("doc")
+    assert df["doc"].to_list() == ["a", "b"] and df["passages"].to_list() == [2, 1]
