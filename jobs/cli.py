@@ -133,6 +133,10 @@ def run(
     schema_mode: str = typer.Option("error", "--schema-mode", rich_help_panel="Tables",
         help="error: a run whose output columns differ from the table's is refused (exit 2, naming the "
              "difference); merge: new columns are added to the table."),
+    lineage: bool = typer.Option(False, "--lineage", rich_help_panel="Tables",
+        help="Emit OpenLineage run events (START, then COMPLETE, FAIL or ABORT) naming the inputs and the output, "
+             "through the client as configured by OPENLINEAGE_URL, openlineage.yml or OPENLINEAGE__TRANSPORT__* "
+             "(pip install 'qa-batch\\[lineage]')."),
     restart: bool = typer.Option(False, "--restart",
         help="Discard the finished parts of an interrupted run (<output>.partial/) instead of resuming it.", rich_help_panel="Input and output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors: no progress bar, warnings or summary line.", rich_help_panel="Running"),
@@ -167,6 +171,7 @@ def run(
     Or of every document stored as a row per page: qa-batch run pages.parquet --document-col doc_id --questions fields.csv
     """
     from pipeline.config import RunConfig, default_model
+    from pipeline.engines.lineage import observed
     from pipeline.engines.local import run as run_engine
 
     log = EventLog(log_format, quiet)
@@ -183,7 +188,7 @@ def run(
         limit=limit, overwrite=overwrite, restart=restart, quiet=quiet, report=report,
         engine=engine, ray_address=ray_address, num_gpus=_gpus(num_gpus), num_cpus_per_worker=num_cpus_per_worker,
         rows_per_batch=rows_per_batch, calibration=calibration, force_calibration=force_calibration,
-        table_format=table_format, partition=tuple(partition or ()), schema_mode=schema_mode,
+        table_format=table_format, partition=tuple(partition or ()), schema_mode=schema_mode, lineage=lineage,
     )
     stop = threading.Event()
     received: list[int] = []
@@ -211,10 +216,10 @@ def run(
         if engine == "ray":
             from pipeline.engines.ray_engine import run_ray
 
-            summary = run_ray(config, stop_requested=stop,
-                              on_plan=lambda plan: log.say("ray_plan", plan.line(), **plan.as_dict()))
+            summary = observed(config, lambda: run_ray(
+                config, stop_requested=stop, on_plan=lambda plan: log.say("ray_plan", plan.line(), **plan.as_dict())))
         elif engine == "local":
-            summary = run_engine(config, stop_requested=stop)
+            summary = observed(config, lambda: run_engine(config, stop_requested=stop))
         else:
             raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="--engine")
     except Interrupted as e:

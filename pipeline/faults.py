@@ -75,9 +75,10 @@ def out_of_memory(rows: int) -> bool:
 
 
 def pause(name: str) -> None:
-    """Wait (up to a minute) at `name` when QA_BATCH_PAUSE_AT=NAME: a test's window to act while the
-    process is at that point (a second signal while a stop is under way)."""
-    if _pause == name:
+    """Wait at `name` when QA_BATCH_PAUSE_AT=NAME (a minute) or NAME:SECONDS: a test's window to act
+    while the process is at that point (a second signal while a stop is under way, a signal while
+    windows remain)."""
+    if _pause is not None and _pause.split(":")[0] == name:
         import time
 
-        time.sleep(60)
+        time.sleep(float(_pause.split(":")[1]) if ":" in _pause else 60)

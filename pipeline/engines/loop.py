@@ -102,6 +102,7 @@ def produce(stages_: Stages, target: Target, ranges: Iterable[tuple[int, int]], 
                 rows = next(windows, None)
                 if rows is None:
                     break
+                faults.pause("read")
                 t1 = time.perf_counter()
                 faults.point("read")
                 chunks = stages_.chunker(rows.passages, rows.questions)
