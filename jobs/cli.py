@@ -124,9 +124,13 @@ def run(
     limit: Optional[int] = typer.Option(None, show_default=False, help="Answer only the first N rows.", rich_help_panel="Input and output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel="Input and output"),
     table_format: str = typer.Option("parquet", "--table-format", rich_help_panel="Tables",
-        help="parquet (a file), or delta: -o names a Delta Lake table (created by the first run), and the run's "
-             "answers become its data files in one commit: appended, or with --partition replacing that partition "
-             "(pip install 'qa-batch\\[delta]')."),
+        help="parquet (a file); delta: -o names a Delta Lake table (a folder or URI); iceberg: -o names "
+             "NAMESPACE.TABLE in the pyiceberg catalog --catalog. The table is created by the first run, and a run's "
+             "answers become its data file in one commit: appended, or with --partition replacing that partition "
+             "(pip install 'qa-batch\\[delta]' or 'qa-batch\\[iceberg]')."),
+    catalog: str = typer.Option("default", "--catalog", rich_help_panel="Tables",
+        help="With --table-format iceberg: the catalog's name, configured as pyiceberg users do (~/.pyiceberg.yaml, "
+             "or PYICEBERG_CATALOG__<NAME>__URI and __WAREHOUSE), e.g. a SQL catalog on SQLite, REST, Glue, Hive."),
     partition: Optional[List[str]] = typer.Option(None, "--partition", show_default=False, rich_help_panel="Tables",
         help="KEY=VALUE, repeatable (e.g. date=2026-12-01): the table partition this run writes; a rerun of the "
              "same partition replaces it, so each night's answers are in the table once."),
@@ -189,6 +193,7 @@ def run(
         engine=engine, ray_address=ray_address, num_gpus=_gpus(num_gpus), num_cpus_per_worker=num_cpus_per_worker,
         rows_per_batch=rows_per_batch, calibration=calibration, force_calibration=force_calibration,
         table_format=table_format, partition=tuple(partition or ()), schema_mode=schema_mode, lineage=lineage,
+        catalog=catalog,
     )
     stop = threading.Event()
     received: list[int] = []

@@ -52,6 +52,7 @@ class RunConfig:
     table_format: str = "parquet"  # "delta": -o names a Delta Lake table the run commits to (delta_table.py)
     partition: tuple[str, ...] = ()  # --partition KEY=VALUE: the table partition a run replaces
     schema_mode: str = "error"  # "merge": a table run may add new columns to the table's schema
+    catalog: str = "default"  # --table-format iceberg: the pyiceberg catalog holding -o NAMESPACE.TABLE
     lineage: bool = False  # OpenLineage run events through the configured client (lineage.py)
     engine: str = "local"  # "ray": Ray Data actors (ray_engine.py)
     ray_address: str | None = None  # None: start a local Ray instance

@@ -129,7 +129,7 @@ def test_without_a_partition_runs_append(nights, tmp_path):
     (("--table-format", "delta", "--overwrite"), "--overwrite does not apply to a Delta table"),
     (("--table-format", "delta", "--engine", "ray"), "runs on the local engine"),
     (("--table-format", "delta", "--partition", "question=x"), "the output has a column 'question' of its own"),
-    (("--table-format", "iceberg",), "expected parquet or delta"),
+    (("--table-format", "orc",), "expected parquet, delta or iceberg"),
 ])
 def test_bad_table_options_are_refused_before_any_model_work(nights, tmp_path, extra, match):
     r = run_cli("run", nights["inputs"]["monday"], "-o", tmp_path / "t", "--model", tmp_path / "no-model", *extra)

@@ -20,32 +20,15 @@ only the clean-up is left. The commit's custom metadata holds the job id and the
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import pyarrow as pa
 
 from .. import faults, storage
 from ..errors import RuntimeFailure, UsageError
+from .tables import schema_difference, table_schema
 
 APP = "qa-batch-"  # + job id: the Delta app id of a job's commit
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def parse_partition(values: tuple[str, ...]) -> dict[str, str]:
-    """--partition date=2026-12-01 (repeatable) -> {"date": "2026-12-01"}, in the order given."""
-    out: dict[str, str] = {}
-    for v in values:
-        key, sep, value = v.partition("=")
-        if not sep or not _KEY.match(key) or not value:
-            raise UsageError(f"--partition {v!r}: expected KEY=VALUE with a column name as KEY (e.g. "
-                             "--partition date=2026-12-01)")
-        if key in out:
-            raise UsageError(f"--partition {key} is given twice: give each partition column once")
-        if "/" in value or value in (".", ".."):
-            raise UsageError(f"--partition {v!r}: a partition value cannot hold '/'")
-        out[key] = value
-    return out
 
 
 def _deltalake():
@@ -80,28 +63,6 @@ def _open(uri: str):
     return _deltalake().DeltaTable(uri, storage_options=_options(uri))
 
 
-def _logical(t: pa.DataType) -> str:
-    """A type as Delta stores it: the Arrow string and binary encodings are one type there."""
-    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "string"
-    if pa.types.is_large_binary(t):
-        return "binary"
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return f"list<{_logical(t.value_type)}>"
-    if pa.types.is_struct(t):
-        return "struct<" + ", ".join(f"{f.name}: {_logical(f.type)}" for f in t) + ">"
-    return str(t)
-
-
-def table_schema(file_schema: pa.Schema, partition: dict[str, str]) -> pa.Schema:
-    """The table's columns: the output's, then the partition columns (strings)."""
-    clash = [k for k in partition if k in file_schema.names]
-    if clash:
-        raise UsageError(f"--partition {clash[0]}: the output has a column {clash[0]!r} of its own; name the "
-                         "partition column otherwise")
-    return pa.schema([*file_schema, *(pa.field(k, pa.string()) for k in partition)])
-
-
 def check_table(uri: str, file_schema: pa.Schema, partition: dict[str, str], schema_mode: str) -> None:
     """Before any model work: `uri` is absent (created by the commit) or a Delta table with this
     run's partition columns and schema (or, with --schema-mode merge, one the run adds columns to)."""
@@ -126,19 +87,6 @@ def check_table(uri: str, file_schema: pa.Schema, partition: dict[str, str], sch
                          + "; ".join(differences) + ". Rerun with the options that made the table"
                          + (", or pass --schema-mode merge to add the new columns" if schema_mode != "merge" else
                             " (--schema-mode merge adds new columns only)"))
-
-
-def schema_difference(table: pa.Schema, run: pa.Schema) -> list[str]:
-    """What differs, column by column: missing, new, or of another type."""
-    out = []
-    have = {f.name: f for f in table}
-    for f in run:
-        if f.name not in have:
-            out.append(f"new column {f.name} ({_logical(f.type)})")
-        elif _logical(have[f.name].type) != _logical(f.type):
-            out.append(f"column {f.name} is {_logical(have[f.name].type)} in the table, {_logical(f.type)} here")
-    out += [f"column {name} of the table is not in this run's output" for name in have if name not in run.names]
-    return out
 
 
 def data_file(uri: str, partition: dict[str, str], job_id: str) -> str:

@@ -26,9 +26,9 @@ from ..quality import calibrate
 from ..stages.questions import plan_questions
 from ..stages.read import InputPlan, plan_inputs
 from ..stages.documents import Grouping
-from ..stages.shape import OutputShape, PerDocument, PerPair
+from ..stages.shape import OutputShape, PerDocument, PerPair, WithPartition
 from ..stages.write import read_metadata
-from . import delta_table
+from . import delta_table, iceberg_table, tables
 from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
@@ -94,8 +94,8 @@ def check_grouping(c: RunConfig) -> None:
 
 def check_table_options(c: RunConfig) -> None:
     """--table-format and what goes with it."""
-    if c.table_format not in ("parquet", "delta"):
-        raise UsageError(f"--table-format {c.table_format}: expected parquet or delta")
+    if c.table_format not in ("parquet", "delta", "iceberg"):
+        raise UsageError(f"--table-format {c.table_format}: expected parquet, delta or iceberg")
     if c.table_format == "parquet":
         if c.partition:
             raise UsageError("--partition needs a table: add --table-format delta (a Parquet file has no partitions)")
@@ -104,13 +104,18 @@ def check_table_options(c: RunConfig) -> None:
         return
     if c.schema_mode not in ("error", "merge"):
         raise UsageError(f"--schema-mode {c.schema_mode}: expected error or merge")
+    name = {"delta": "a Delta table", "iceberg": "an Iceberg table"}[c.table_format]
     if c.overwrite:
-        raise UsageError("--overwrite does not apply to a Delta table: a run appends to it, or with --partition "
+        raise UsageError(f"--overwrite does not apply to {name}: a run appends to it, or with --partition "
                          "replaces that partition (a rerun of the same night replaces that night's answers)")
     if c.engine != "local":
-        raise UsageError("--table-format delta runs on the local engine (and --devices) in this version: drop "
-                         "--engine ray, or write Parquet files with it and load them into the table")
-    delta_table.parse_partition(c.partition)
+        raise UsageError(f"--table-format {c.table_format} runs on the local engine (and --devices) in this version: "
+                         "drop --engine ray, or write Parquet files with it and load them into the table")
+    if c.table_format == "iceberg":
+        if not c.output:
+            raise UsageError("--table-format iceberg needs -o NAMESPACE.TABLE: the table in the catalog --catalog")
+        iceberg_table.identifier(c.output)
+    tables.parse_partition(c.partition)
 
 
 def grouping(c: RunConfig) -> Grouping | None:
@@ -230,6 +235,10 @@ class Job:
         questions = plan_questions(config)
         plan = plan_inputs(config.inputs, config.passage_col, config.question_col, config.id_col,
                            config.keep_columns, questions, config.document_col)
+        if config.table_format == "iceberg":  # a table of a catalog, not a path: parts beside its data
+            return cls(config, plan, config.output, WorkDir(iceberg_table.work_dir(config.catalog, config.output)),
+                       output_shape(config, plan, calibration), total_rows(config, plan), started, started_at,
+                       calibration)
         output = config.output or default_output_for(config.inputs, plan.files)
         if config.table_format == "delta" and not config.output:  # a table is a folder: <stem>.answers
             output = output.replace(".answers.parquet", ".answers", 1)
@@ -240,9 +249,8 @@ class Job:
                                  "which writes a folder of files".format(output))
             output = storage.without_trailing_slash(output)
         check_apart_from_inputs(output, config.inputs, plan.files)
-        total = plan.total_rows if config.limit is None else min(config.limit, plan.total_rows)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), output_shape(config, plan, calibration),
-                   total, started, started_at, calibration)
+                   total_rows(config, plan), started, started_at, calibration)
 
     @property
     def file_schema(self) -> pa.Schema:
@@ -255,11 +263,15 @@ class Job:
 
     @property
     def partition(self) -> dict[str, str]:
-        return delta_table.parse_partition(self.config.partition)
+        return tables.parse_partition(self.config.partition)
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay);
         a Delta table has this run's partition columns and schema."""
+        if self.config.table_format == "iceberg":
+            iceberg_table.check_table(self.config.catalog, self.output, self.file_schema, self.partition,
+                                      self.config.schema_mode)
+            return
         if self.config.table_format == "delta":
             if not storage.is_uri(self.output) and not os.path.isdir(storage.parent(self.output)):
                 raise UsageError(f"output directory {storage.parent(self.output)} does not exist")
@@ -289,7 +301,9 @@ class Job:
                         "rows_per_window": c.rows_per_window},
             "schema": self.shape.window_schema.to_string(),
             "versions": versions(c),
-        }, self.output, c.restart, c.overwrite or c.table_format != "parquet")  # a table is meant to exist
+        }, self.output, c.restart, c.overwrite or c.table_format != "parquet",  # a table is meant to exist
+            (lambda job_id: iceberg_table.committed(c.catalog, self.output, job_id)) if c.table_format == "iceberg"
+            else None)
         if opened is Opened.FINISHED:
             return None
         return self.parts.todo(self.total_rows, c.rows_per_window)
@@ -297,7 +311,9 @@ class Job:
     def already_done(self) -> RunSummary:
         """The summary stored in this job's output; the work directory's leftovers removed."""
         self.parts.remove()
-        if self.config.table_format == "delta":
+        if self.config.table_format == "iceberg":
+            stored = iceberg_table.summary_of(self.config.catalog, self.output, self.parts.job_id)
+        elif self.config.table_format == "delta":
             stored = delta_table.summary_of(self.output, self.parts.job_id)
         else:
             stored = read_metadata(self.output)["summary"]
@@ -325,6 +341,13 @@ class Job:
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
             delta_table.commit(self.output, path, counts["output_rows"], self.file_schema, self.partition,
                                self.parts.job_id, summary.as_dict(), self.config.schema_mode)
+        elif self.config.table_format == "iceberg":  # assembled in the work directory, then copied in and registered
+            path = storage.join(self.parts.path, "answers.parquet")
+            shape = WithPartition(self.shape, tuple(self.partition.items()))
+            self.parts.assemble(path, shape, final_metadata)
+            summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
+            iceberg_table.commit(self.config.catalog, self.output, path, shape.schema, self.partition,
+                                 self.parts.job_id, summary.as_dict(), self.config.schema_mode)
         else:
             self.parts.assemble(self.output, self.shape, final_metadata)
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
@@ -343,6 +366,11 @@ def output_shape(c: RunConfig, plan: InputPlan, calibration: calibrate.Calibrati
     # the calibration's null bias is the null threshold; its confidence replaces the softmax share
     return PerDocument.build(plan, group, c.top_k, c.wide, calibration.null_bias is not None,
                              calibration.null_bias or 0.0, functools.partial(calibrate.apply_to_answers, calibration))
+
+
+def total_rows(c: RunConfig, plan: InputPlan) -> int:
+    """Input rows to answer: all, or the first --limit."""
+    return plan.total_rows if c.limit is None else min(c.limit, plan.total_rows)
 
 
 def check_max_seq_len(config: RunConfig, max_positions: int) -> None:

@@ -171,7 +171,8 @@ class WorkDir:
         """Is `output` the finished output of the job this work directory holds?"""
         return _is_output_of(self._manifest(), output)
 
-    def open(self, manifest: dict, restart: bool, output: str, overwrite: bool = True) -> Opened:
+    def open(self, manifest: dict, restart: bool, output: str, overwrite: bool = True,
+             committed: Callable[[str | None], bool] | None = None) -> Opened:
         """Start a new work directory, or take over the old one if it holds the same job. A new
         one is not started over an existing output unless `overwrite` (leftovers of a finished
         job are removed first: they are nobody's work)."""
@@ -179,7 +180,8 @@ class WorkDir:
         old = None if restart else self._manifest()
         if old is not None:
             same = {k: v for k, v in old.items() if k != "job_id"} == manifest
-            finished = _is_output_of(old, output)  # the old job's output is in place
+            # the old job's output is in place (or, for a catalog table, `committed` says it committed)
+            finished = committed(old.get("job_id")) if committed is not None else _is_output_of(old, output)
             if same and finished:
                 self.job_id = old["job_id"]
                 return Opened.FINISHED
@@ -207,7 +209,8 @@ class WorkDir:
                                    json.dumps({**manifest, "job_id": self.job_id}, indent=1, sort_keys=True).encode())
         return Opened.NEW
 
-    def open_for(self, manifest: dict, output: str, restart: bool, overwrite: bool) -> Opened:
+    def open_for(self, manifest: dict, output: str, restart: bool, overwrite: bool,
+                 committed: Callable[[str | None], bool] | None = None) -> Opened:
         """What a run does with this work directory and its output path, decided in one place
         for both engines (README: "What a rerun does"):
 
@@ -218,7 +221,7 @@ class WorkDir:
             another job, finished,   exists (not this job's)    refused (exit 2) unless --overwrite
               or nothing             absent, or --overwrite     NEW
         """
-        return self.open(manifest, restart, output, overwrite)
+        return self.open(manifest, restart, output, overwrite, committed)
 
     def _names(self) -> list[str]:
         return [storage.basename(f) for f in storage.list_files(self.path)] if storage.is_dir(self.path) else []

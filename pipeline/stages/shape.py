@@ -113,4 +113,34 @@ class PerDocument:
         totals.update(counts)
 
 
+@dataclass(frozen=True)
+class WithPartition:
+    """Another shape's output with the partition columns of a table run appended (constant strings):
+    Iceberg reads a file's partition from its columns."""
+
+    inner: PerPair | PerDocument
+    partition: tuple[tuple[str, str], ...]
+
+    @property
+    def window_schema(self) -> pa.Schema:
+        return self.inner.window_schema
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([*self.inner.schema, *(pa.field(k, pa.string()) for k, _ in self.partition)])
+
+    @property
+    def grouped(self) -> bool:
+        return self.inner.grouped
+
+    def count(self, table: pa.Table) -> dict:
+        return self.inner.count(table)
+
+    def assemble(self, tables: Iterable[pa.Table], totals: dict) -> Iterator[pa.Table]:
+        for t in self.inner.assemble(tables, totals):
+            for key, value in self.partition:
+                t = t.append_column(pa.field(key, pa.string()), pa.array([value] * t.num_rows, pa.string()))
+            yield t
+
+
 OutputShape = PerPair | PerDocument

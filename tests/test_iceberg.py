@@ -1,0 +1,117 @@
+"""--table-format iceberg on a real Iceberg SQL catalog (SQLite), as pyiceberg users configure it
+(PYICEBERG_CATALOG__<NAME>__* in the environment): nightly partitions replaced idempotently."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SAMPLE, run_cli
+
+pytest.importorskip("pyiceberg")
+
+FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory, checkpoints):
+    base = tmp_path_factory.mktemp("iceberg")
+    sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
+    inputs = {}
+    for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
+        inputs[name] = str(base / f"{name}.parquet")
+        pq.write_table(sample.slice(start, n), inputs[name])
+    return {"inputs": inputs, "model": checkpoints["bert"]}
+
+
+def catalog_env(tmp_path) -> dict:
+    (tmp_path / "warehouse").mkdir(exist_ok=True)
+    return {"PYICEBERG_CATALOG__LOCAL__URI": f"sqlite:///{tmp_path}/catalog.db",
+            "PYICEBERG_CATALOG__LOCAL__WAREHOUSE": f"file://{tmp_path}/warehouse"}
+
+
+def nightly(nights, env, night, date, *extra, crash=None):
+    return run_cli("run", nights["inputs"][night], "-o", "nightly.answers", "--catalog", "local", "--model",
+                   nights["model"], "--table-format", "iceberg", "--partition", f"date={date}", *FAST, *extra,
+                   env={**env, **({"QA_BATCH_CRASH_AT": crash} if crash else {})})
+
+
+def table(env):
+    """The table as an analyst's pyiceberg session opens it (the same catalog, given by its properties)."""
+    from pyiceberg.catalog import load_catalog
+
+    catalog = load_catalog("local", uri=env["PYICEBERG_CATALOG__LOCAL__URI"],
+                           warehouse=env["PYICEBERG_CATALOG__LOCAL__WAREHOUSE"])
+    return catalog.load_table("nightly.answers")
+
+
+def rows_by_date(env) -> dict[str, int]:
+    import polars as pl
+
+    df = pl.from_arrow(table(env).scan().to_arrow())
+    return dict(df.group_by("date").len().iter_rows()) if df.height else {}
+
+
+def jobs(env) -> list[str]:
+    return sorted({s.summary.additional_properties.get("qa-batch.job-id") for s in table(env).snapshots()})
+
+
+def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path):
+    env = catalog_env(tmp_path)
+    for night, date in (("monday", "2026-11-30"), ("tuesday", "2026-12-01"), ("tuesday", "2026-12-01"),
+                        ("monday", "2026-12-02")):
+        r = nightly(nights, env, night, date)
+        assert r.returncode == 0, r.stderr
+    assert rows_by_date(env) == {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
+    assert len(jobs(env)) == 4
+    # as an analyst reads it: DuckDB over the table's scan (its iceberg extension downloads on first use)
+    import duckdb
+
+    current = table(env).scan().to_arrow()  # noqa: F841 (read by name below)
+    assert dict(duckdb.sql("select date, count(*) from current group by date").fetchall()) == \
+        {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
+    summary = json.loads(table(env).current_snapshot().summary.additional_properties["qa-batch.summary"])
+    assert summary["rows"] == 4 and summary["output"] == "nightly.answers"
+    assert not os.path.exists(tmp_path / "warehouse" / ".qa-batch" / "nightly.answers.partial")
+
+
+@pytest.mark.parametrize("point", ["renaming:1", "table_committing:1", "table_committed:1", "cleaning_up:1"])
+def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
+        nights, tmp_path, point):
+    env = catalog_env(tmp_path)
+    assert nightly(nights, env, "monday", "2026-12-01").returncode == 0
+    r = nightly(nights, env, "tuesday", "2026-12-01", crash=point)
+    assert r.returncode == -9
+    committed = point in ("table_committed:1", "cleaning_up:1")
+    assert rows_by_date(env) == {"2026-12-01": 6 if committed else 4}  # never both, never neither
+    r = nightly(nights, env, "tuesday", "2026-12-01")
+    assert r.returncode == 0, r.stderr
+    assert rows_by_date(env) == {"2026-12-01": 6}
+    assert len(jobs(env)) == 2, "the rerun committed the job a second time"
+
+
+def test_a_run_of_another_schema_is_refused_unless_merged(nights, tmp_path):
+    env = catalog_env(tmp_path)
+    assert nightly(nights, env, "monday", "2026-12-01").returncode == 0
+    r = nightly(nights, env, "tuesday", "2026-12-02", "--top-k", "2")
+    assert r.returncode == 2 and "new column answers" in r.stderr and "--schema-mode merge" in r.stderr
+    r = nightly(nights, env, "tuesday", "2026-12-02", "--top-k", "2", "--schema-mode", "merge")
+    assert r.returncode == 0, r.stderr
+    assert rows_by_date(env) == {"2026-12-01": 4, "2026-12-02": 6}
+    import pyarrow.compute as pc
+
+    t = table(env).scan().to_arrow()
+    assert t.filter(pc.equal(t["date"], "2026-12-01"))["answers"].null_count == 4
+
+
+def test_a_bad_table_name_or_catalog_is_refused_before_any_model_work(nights, tmp_path):
+    env = catalog_env(tmp_path)
+    r = run_cli("run", nights["inputs"]["monday"], "-o", "answers", "--catalog", "local", "--model", tmp_path / "none",
+                "--table-format", "iceberg", env=env)
+    assert r.returncode == 2 and "name the table as NAMESPACE.TABLE" in r.stderr
+    r = run_cli("run", nights["inputs"]["monday"], "-o", "a.b", "--catalog", "nowhere", "--model", tmp_path / "none",
+                "--table-format", "iceberg", env=env)
+    assert r.returncode == 2 and "--catalog nowhere" in r.stderr
