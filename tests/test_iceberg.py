@@ -115,3 +115,28 @@ def test_a_bad_table_name_or_catalog_is_refused_before_any_model_work(nights, tm
     r = run_cli("run", nights["inputs"]["monday"], "-o", "a.b", "--catalog", "nowhere", "--model", tmp_path / "none",
                 "--table-format", "iceberg", env=env)
     assert r.returncode == 2 and "--catalog nowhere" in r.stderr
+
+
+def test_the_nightly_tables_recipe_holds_each_night_once_in_both_tables(nights, tmp_path):
+    """jobs/tables/nightly-tables.sh: the same night twice, then the next night, into a Delta table and
+    an Iceberg table: each night's answers are in each table once."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deltalake")
+    import polars as pl
+
+    from conftest import ROOT
+
+    env = {**os.environ, **catalog_env(tmp_path), "HF_HUB_OFFLINE": "1", "QA_BATCH": f"{sys.executable} -m jobs.cli",
+           "QA_BATCH_MODEL": nights["model"], "DELTA_TABLE": str(tmp_path / "delta-answers"),
+           "ICEBERG_TABLE": "nightly.answers", "ICEBERG_CATALOG": "local", "QA_BATCH_OPTIONS": " ".join(FAST)}
+    script = os.path.join(ROOT, "jobs", "tables", "nightly-tables.sh")
+    for night, date in (("monday", "2026-12-01"), ("tuesday", "2026-12-01"), ("monday", "2026-12-02")):
+        r = subprocess.run(["bash", script, nights["inputs"][night], date], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    want = {"2026-12-01": 6, "2026-12-02": 4}
+    delta = pl.read_delta(str(tmp_path / "delta-answers"))
+    assert dict(delta.group_by("date").len().iter_rows()) == want
+    assert rows_by_date(catalog_env(tmp_path)) == want
