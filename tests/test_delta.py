@@ -125,9 +125,8 @@ def test_without_a_partition_runs_append(nights, tmp_path):
 
 @pytest.mark.parametrize("extra, match", [
     (("--table-format", "delta", "--partition", "date"), "expected KEY=VALUE"),
-    (("--partition", "date=2026-12-01"), "--partition needs a table: add --table-format delta"),
+    (("--partition", "date=2026-12-01"), "--partition needs a table: add --table-format delta or iceberg"),
     (("--table-format", "delta", "--overwrite"), "--overwrite does not apply to a Delta table"),
-    (("--table-format", "delta", "--engine", "ray"), "runs on the local engine"),
     (("--table-format", "delta", "--partition", "question=x"), "the output has a column 'question' of its own"),
     (("--table-format", "orc",), "expected parquet, delta or iceberg"),
 ])
@@ -164,3 +163,23 @@ def test_documents_go_to_a_table_too(nights, tmp_path):
 
     df = pl.read_delta(str(table)).sort("doc")
     assert df["doc"].to_list() == ["a", "b"] and df["passages"].to_list() == [2, 1]
+
+
+@pytest.mark.parametrize("point", [None, "publishing:1", "table_committed:1"])
+def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point):
+    """--engine ray: the shard files become the table's data files in one commit; killed while
+    copying them in or after the commit, the rerun leaves the partition in the table once."""
+    pytest.importorskip("ray")
+    table = tmp_path / "answers"
+    ray = ("--engine", "ray", "--num-gpus", "0", "--rows-per-batch", "2")
+    assert nightly(nights, table, "monday", "2026-12-01").returncode == 0
+    if point:
+        r = nightly(nights, table, "tuesday", "2026-12-01", *ray, env={"QA_BATCH_CRASH_AT": point})
+        assert r.returncode == -9
+        assert rows_by_date(table) == {"2026-12-01": 6 if point == "table_committed:1" else 4}
+    r = nightly(nights, table, "tuesday", "2026-12-01", *ray)
+    assert r.returncode == 0, r.stderr
+    assert rows_by_date(table) == {"2026-12-01": 6} and len(commits(table)) == 2
+    added = [f for f in deltalake.DeltaTable(str(table)).file_uris() if "2026-12-01" in f]
+    assert len(added) == 3  # three shards of 2 rows, registered as they were written
+    assert not os.path.exists(str(table) + ".partial")

@@ -140,3 +140,16 @@ def test_the_nightly_tables_recipe_holds_each_night_once_in_both_tables(nights, 
     delta = pl.read_delta(str(tmp_path / "delta-answers"))
     assert dict(delta.group_by("date").len().iter_rows()) == want
     assert rows_by_date(catalog_env(tmp_path)) == want
+
+
+def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path):
+    """--engine ray: the shard files (partition columns included) registered in one commit; the same
+    night again replaces them."""
+    pytest.importorskip("ray")
+    env = catalog_env(tmp_path)
+    ray = ("--engine", "ray", "--num-gpus", "0", "--rows-per-batch", "2")
+    for night in ("monday", "tuesday"):
+        r = nightly(nights, env, night, "2026-12-01", *ray)
+        assert r.returncode == 0, r.stderr
+    assert rows_by_date(env) == {"2026-12-01": 6} and len(jobs(env)) == 2
+    assert len(table(env).inspect.files()) == 3  # the three shards of the second run

@@ -101,16 +101,24 @@ def committed(uri: str, job_id: str | None) -> bool:
     return _open(uri).transaction_version(APP + job_id) is not None
 
 
-def commit(uri: str, path: str, rows: int, file_schema: pa.Schema, partition: dict[str, str], job_id: str,
+def place(uri: str, partition: dict[str, str], name: str) -> str:
+    """Where a file the run wrote elsewhere (a Ray shard) goes inside the table before its commit."""
+    return storage.join(uri, *(f"{k}={v}" for k, v in partition.items()), name)
+
+
+def commit(uri: str, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
            summary: dict, schema_mode: str) -> None:
-    """Register `path` (written inside the table) in one transaction: replacing the partition, or
-    appending without one; creating the table on its first run."""
+    """Register `files` ((path inside the table, rows) each) in one transaction: replacing the
+    partition, or appending without one; creating the table on its first run."""
     dl = _deltalake()
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
-    info = storage.info(path)
-    add = AddAction(storage.relative(uri, path), info.size, dict(partition), info.mtime_ns // 1_000_000 or
-                    int(time.time() * 1000), True, json.dumps({"numRecords": rows}))
+    adds = []
+    for path, rows in files:
+        info = storage.info(path)
+        adds.append(AddAction(storage.relative(uri, path), info.size, dict(partition),
+                              info.mtime_ns // 1_000_000 or int(time.time() * 1000), True,
+                              json.dumps({"numRecords": rows})))
     properties = dl.CommitProperties(
         custom_metadata={"qa_batch.job_id": job_id, "qa_batch.summary": json.dumps(summary, sort_keys=True)},
         app_transactions=[dl.Transaction(APP + job_id, 1)])
@@ -118,7 +126,7 @@ def commit(uri: str, path: str, rows: int, file_schema: pa.Schema, partition: di
     faults.point("table_committing")
     try:
         if not is_table(uri):
-            create_table_with_add_actions(uri, dl.Schema.from_arrow(schema), [add], mode="error",
+            create_table_with_add_actions(uri, dl.Schema.from_arrow(schema), adds, mode="error",
                                           partition_by=list(partition) or None,
                                           storage_options=_options(uri), commit_properties=properties)
         else:
@@ -127,7 +135,7 @@ def commit(uri: str, path: str, rows: int, file_schema: pa.Schema, partition: di
                 have = pa.schema(table.schema().to_arrow())  # its columns, then the new ones (check_table)
                 schema = pa.schema([*have, *(f for f in schema if f.name not in have.names)])
             table.create_write_transaction(
-                [add], mode="overwrite" if partition else "append", schema=schema,
+                adds, mode="overwrite" if partition else "append", schema=schema,
                 partition_by=list(partition) or None,
                 partition_filters=[(k, "=", v) for k, v in partition.items()] or None, commit_properties=properties)
     except OSError as e:

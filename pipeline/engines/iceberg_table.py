@@ -119,10 +119,10 @@ def summary_of(catalog_name: str, output: str, job_id: str) -> dict:
     raise RuntimeFailure(f"the Iceberg table {output} names job {job_id} as committed but no snapshot holds its summary")
 
 
-def commit(catalog_name: str, output: str, path: str, schema: pa.Schema, partition: dict[str, str], job_id: str,
-           summary: dict, schema_mode: str) -> None:
-    """Create the table on its first run, copy the assembled file (partition columns included)
-    into its data folder, and register it in one transaction, replacing the partition."""
+def commit(catalog_name: str, output: str, paths: list[str], schema: pa.Schema, partition: dict[str, str],
+           job_id: str, summary: dict, schema_mode: str) -> None:
+    """Create the table on its first run, copy the files the run wrote (partition columns included)
+    into its data folder, and register them in one transaction, replacing the partition."""
     from pyiceberg.expressions import And, EqualTo
 
     catalog = _catalog(catalog_name)
@@ -143,11 +143,13 @@ def commit(catalog_name: str, output: str, path: str, schema: pa.Schema, partiti
                 update.union_by_name(schema)
             table = catalog.load_table(identifier(output))
         location = table.location().removeprefix("file://")
-        target = storage.join(location, "data", *(f"{k}={v}" for k, v in partition.items()),
-                              f"part-{job_id}-00000.parquet")
-        storage.make_dirs(storage.parent(target))
-        storage.copy(path, target)
-        uri = target if storage.is_uri(target) else "file://" + os.path.abspath(target)
+        uris = []
+        for i, path in enumerate(paths):
+            target = storage.join(location, "data", *(f"{k}={v}" for k, v in partition.items()),
+                                  f"part-{job_id}-{i:05d}.parquet")
+            storage.make_dirs(storage.parent(target))
+            storage.copy(path, target)
+            uris.append(target if storage.is_uri(target) else "file://" + os.path.abspath(target))
         properties = {JOB_ID: job_id, SUMMARY: json.dumps(summary, sort_keys=True)}
         with table.transaction() as tx, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first night
@@ -155,7 +157,7 @@ def commit(catalog_name: str, output: str, path: str, schema: pa.Schema, partiti
                 conditions = [EqualTo(k, v) for k, v in partition.items()]
                 where = conditions[0] if len(conditions) == 1 else And(*conditions)
                 tx.delete(where, snapshot_properties=properties)
-            tx.add_files([uri], snapshot_properties=properties, check_duplicate_files=False)
+            tx.add_files(uris, snapshot_properties=properties, check_duplicate_files=False)
     except OSError as e:
         raise RuntimeFailure(f"could not commit to the Iceberg table {output}: {e}. The answers are kept: rerun the "
                              "same command to commit them") from None

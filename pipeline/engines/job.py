@@ -98,9 +98,10 @@ def check_table_options(c: RunConfig) -> None:
         raise UsageError(f"--table-format {c.table_format}: expected parquet, delta or iceberg")
     if c.table_format == "parquet":
         if c.partition:
-            raise UsageError("--partition needs a table: add --table-format delta (a Parquet file has no partitions)")
+            raise UsageError("--partition needs a table: add --table-format delta or iceberg (a Parquet file has no "
+                             "partitions)")
         if c.schema_mode != "error":
-            raise UsageError("--schema-mode applies to a table: add --table-format delta")
+            raise UsageError("--schema-mode applies to a table: add --table-format delta or iceberg")
         return
     if c.schema_mode not in ("error", "merge"):
         raise UsageError(f"--schema-mode {c.schema_mode}: expected error or merge")
@@ -108,9 +109,6 @@ def check_table_options(c: RunConfig) -> None:
     if c.overwrite:
         raise UsageError(f"--overwrite does not apply to {name}: a run appends to it, or with --partition "
                          "replaces that partition (a rerun of the same night replaces that night's answers)")
-    if c.engine != "local":
-        raise UsageError(f"--table-format {c.table_format} runs on the local engine (and --devices) in this version: "
-                         "drop --engine ray, or write Parquet files with it and load them into the table")
     if c.table_format == "iceberg":
         if not c.output:
             raise UsageError("--table-format iceberg needs -o NAMESPACE.TABLE: the table in the catalog --catalog")
@@ -262,6 +260,11 @@ class Job:
         return Target(self.config, self.plan, self.shape, self.parts.write_part, self.parts.path)
 
     @property
+    def file_shape(self) -> OutputShape | WithPartition:
+        """The shape of the files the run writes: with Iceberg, the partition columns appended."""
+        return file_shape(self.config, self.shape)
+
+    @property
     def partition(self) -> dict[str, str]:
         return tables.parse_partition(self.config.partition)
 
@@ -339,14 +342,13 @@ class Job:
             storage.make_dirs(storage.parent(path))
             counts = self.parts.assemble(path, self.shape, final_metadata)
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
-            delta_table.commit(self.output, path, counts["output_rows"], self.file_schema, self.partition,
+            delta_table.commit(self.output, [(path, counts["output_rows"])], self.file_schema, self.partition,
                                self.parts.job_id, summary.as_dict(), self.config.schema_mode)
         elif self.config.table_format == "iceberg":  # assembled in the work directory, then copied in and registered
             path = storage.join(self.parts.path, "answers.parquet")
-            shape = WithPartition(self.shape, tuple(self.partition.items()))
-            self.parts.assemble(path, shape, final_metadata)
+            self.parts.assemble(path, self.file_shape, final_metadata)
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
-            iceberg_table.commit(self.config.catalog, self.output, path, shape.schema, self.partition,
+            iceberg_table.commit(self.config.catalog, self.output, [path], self.file_shape.schema, self.partition,
                                  self.parts.job_id, summary.as_dict(), self.config.schema_mode)
         else:
             self.parts.assemble(self.output, self.shape, final_metadata)
@@ -366,6 +368,13 @@ def output_shape(c: RunConfig, plan: InputPlan, calibration: calibrate.Calibrati
     # the calibration's null bias is the null threshold; its confidence replaces the softmax share
     return PerDocument.build(plan, group, c.top_k, c.wide, calibration.null_bias is not None,
                              calibration.null_bias or 0.0, functools.partial(calibrate.apply_to_answers, calibration))
+
+
+def file_shape(c: RunConfig, shape: OutputShape) -> OutputShape | WithPartition:
+    """The files' shape: Iceberg reads a file's partition from its columns, Delta from its log."""
+    if c.table_format == "iceberg":
+        return WithPartition(shape, tuple(tables.parse_partition(c.partition).items()))
+    return shape
 
 
 def total_rows(c: RunConfig, plan: InputPlan) -> int:

@@ -58,7 +58,8 @@ from ..stages.shape import OutputShape
 from ..stages.write import METADATA_KEY
 from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from .job import Job, answer_identity, default_output, output_shape, questions_metadata, versions
+from . import delta_table, iceberg_table
+from .job import Job, answer_identity, default_output, file_shape, output_shape, questions_metadata, versions
 from .loop import Target, answer_ranges
 from .report import COUNTS, Progress, RunSummary, bottleneck, write_report
 from .resume import MANIFEST, input_fingerprint, output_job_id, readable
@@ -174,7 +175,7 @@ class RayAnswerer:
         # each file's metadata: the driver's (version, options, job) and this actor's model and device
         self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
                          "dtype": loaded.dtype_name}
-        self.shape = output_shape(config, plan, calibration)
+        self.shape = file_shape(config, output_shape(config, plan, calibration))  # Iceberg: partition columns too
         self.oom_splits = 0  # the predictor's count when the last shard was reported
 
     def __call__(self, batch: dict) -> dict:
@@ -278,9 +279,15 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             _check_gpus(rj, actors)
             staged = open_staging(rj, actors)
             if staged is Staged.PUBLISHED:  # killed after publishing, before the clean-up
-                commit.clean_up(rj.job.output)
+                if config.table_format == "parquet":
+                    commit.clean_up(rj.job.output)
+                    stored = commit.read_success(rj.job.output)
+                elif config.table_format == "delta":  # the summary the job's commit recorded
+                    stored = delta_table.summary_of(rj.job.output, rj.job.parts.job_id)
+                else:
+                    stored = iceberg_table.summary_of(config.catalog, rj.job.output, rj.job.parts.job_id)
                 storage.delete(rj.job.parts.path)
-                return write_report(_summary_from(commit.read_success(rj.job.output), rj.job.output), config)
+                return write_report(_summary_from(stored, rj.job.output), config)
             if staged is Staged.TO_ANSWER:
                 metadata, this_run, before = answer(rj, cluster, actors, stop_requested, on_plan)
                 cluster.release()  # the actors' resources go back to the cluster before the commit
@@ -310,6 +317,9 @@ def plan(config: RunConfig) -> RayJob:
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
     job = Job.plan_for(config, default_output_dir)  # actors get its calibration: the file may be on this node only
     files = storage.join(job.parts.path, FILES)
+    if config.table_format != "parquet":  # a table: its schema and partitioning checked, it may exist
+        job.check_output()
+        return RayJob(job, num_gpus, model_identity(config.model), files)
     if not storage.is_uri(job.output):  # object stores have no folders to check
         parent = storage.parent(job.output)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -327,9 +337,12 @@ def _check_gpus(rj: RayJob, actors: ActorPlan) -> None:
 def open_staging(rj: RayJob, actors: ActorPlan) -> Staged:
     """Create or check the staging directory (resume.py compares the manifests)."""
     job = rj.job
-    job.parts.open_for(_manifest(rj.config, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
-                       job.output, rj.config.restart, rj.config.overwrite)
-    if (commit.read_success(job.output) or {}).get("job_id") == job.parts.job_id:
+    c = rj.config
+    job.parts.open_for(_manifest(c, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
+                       job.output, c.restart, c.overwrite or c.table_format != "parquet",
+                       (lambda job_id: iceberg_table.committed(c.catalog, job.output, job_id))
+                       if c.table_format == "iceberg" else None)
+    if _published(rj):
         return Staged.PUBLISHED
     if (commit.read_success(rj.files) or {}).get("job_id") == job.parts.job_id:
         return Staged.COMMITTED
@@ -371,7 +384,7 @@ def answer(rj: RayJob, cluster: "RayConnection", actors: ActorPlan, stop_request
 def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before: Count) -> None:
     """Every row in exactly one shard file, as its name says; then the run's summary in _SUCCESS."""
     job, config = rj.job, rj.config
-    shape = job.shape
+    shape = job.file_shape
     if job.total_rows == 0:  # no rows: one empty file, so that readers still get the schema
         write_shard(rj.shards, 0, 0, (shape.window_schema if shape.grouped else shape.schema).empty_table(),
                     {**metadata, "model": rj.model, "shard": {"start": 0, "end": 0, **dict.fromkeys(_COUNTS, 0)}})
@@ -394,12 +407,45 @@ def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before:
     commit.write_success(rj.files, {**summary.as_dict(), "job_id": job.parts.job_id, "qa_batch_version": __version__})
 
 
+def _published(rj: RayJob) -> bool:
+    """Is the output this job's: its _SUCCESS, or its commit in the table?"""
+    job, c = rj.job, rj.config
+    if c.table_format == "delta":
+        return delta_table.committed(job.output, job.parts.job_id)
+    if c.table_format == "iceberg":
+        return iceberg_table.committed(c.catalog, job.output, job.parts.job_id)
+    return (commit.read_success(job.output) or {}).get("job_id") == job.parts.job_id
+
+
+def publish_to_table(rj: RayJob, staged: dict) -> None:
+    """The checked shard files registered in the table in one commit (Delta: copied into it first;
+    Iceberg: copied into its data folder by the commit). Repeatable until the commit lands."""
+    job, c = rj.job, rj.config
+    shards = sorted(((r, f) for r, f in _shard_files(rj.files).items()), key=lambda t: t[0])
+    if c.table_format == "delta":
+        placed = []
+        for (a, b), path in shards:
+            target = delta_table.place(job.output, job.partition, f"part-{job.parts.job_id}-{a:012d}-{b:012d}.parquet")
+            storage.make_dirs(storage.parent(target))
+            storage.copy(path, target)
+            placed.append((target, open_parquet(path).metadata.num_rows))
+            faults.point("publishing")
+        delta_table.commit(job.output, placed, job.file_schema, job.partition, job.parts.job_id, staged,
+                           c.schema_mode)
+    else:
+        iceberg_table.commit(c.catalog, job.output, [path for _, path in shards], job.file_shape.schema,
+                             job.partition, job.parts.job_id, staged, c.schema_mode)
+
+
 def publish(rj: RayJob) -> RunSummary:
-    """The committed files become the output (commit.py); the staging directory goes."""
+    """The committed files become the output (commit.py), or a table's commit; the staging directory goes."""
     job = rj.job
     staged = commit.read_success(rj.files)
     try:
-        commit.publish(rj.files, job.output)
+        if rj.config.table_format != "parquet":
+            publish_to_table(rj, staged)
+        else:
+            commit.publish(rj.files, job.output)
     except OSError as e:
         raise RuntimeFailure(f"could not publish {job.output}: {e.strerror or e}. The finished shards are kept in "
                              f"{rj.files}: fix the cause and rerun the same command to finish") from None

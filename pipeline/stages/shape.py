@@ -133,14 +133,23 @@ class WithPartition:
     def grouped(self) -> bool:
         return self.inner.grouped
 
+    def window_table(self, rows: RowBatch, answers: list[RowAnswer]) -> pa.Table:
+        return self.inner.window_table(rows, answers)
+
     def count(self, table: pa.Table) -> dict:
         return self.inner.count(table)
 
+    def _with_columns(self, t: pa.Table) -> pa.Table:
+        for key, value in self.partition:
+            t = t.append_column(pa.field(key, pa.string()), pa.array([value] * t.num_rows, pa.string()))
+        return t
+
+    def output_table(self, table: pa.Table) -> pa.Table:
+        return self._with_columns(self.inner.output_table(table))
+
     def assemble(self, tables: Iterable[pa.Table], totals: dict) -> Iterator[pa.Table]:
         for t in self.inner.assemble(tables, totals):
-            for key, value in self.partition:
-                t = t.append_column(pa.field(key, pa.string()), pa.array([value] * t.num_rows, pa.string()))
-            yield t
+            yield self._with_columns(t)
 
 
 OutputShape = PerPair | PerDocument
