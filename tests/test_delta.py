@@ -183,3 +183,19 @@ def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point):
     added = [f for f in deltalake.DeltaTable(str(table)).file_uris() if "2026-12-01" in f]
     assert len(added) == 3  # three shards of 2 rows, registered as they were written
     assert not os.path.exists(str(table) + ".partial")
+
+
+def test_a_delta_table_on_s3(nights, s3):
+    """The same nightly partition twice into a table on the local S3 server: once in the table."""
+    table = "s3://nightly/delta-answers"
+    for night in ("monday", "tuesday"):
+        r = nightly(nights, table, night, "2026-12-01", env=s3["env"])
+        assert r.returncode == 0, r.stderr
+    options = {"endpoint_url": s3["env"]["AWS_ENDPOINT_URL_S3"], "allow_http": "true", "aws_access_key_id": "test",
+               "aws_secret_access_key": "test", "aws_region": "us-east-1"}
+    dt = deltalake.DeltaTable(table, storage_options=options)
+    assert dt.to_pyarrow_table().num_rows == 6 and len(commits_of(dt)) == 2
+
+
+def commits_of(dt) -> list[str]:
+    return [h["qa_batch.job_id"] for h in dt.history() if "qa_batch.job_id" in h]

@@ -153,3 +153,22 @@ def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path):
         assert r.returncode == 0, r.stderr
     assert rows_by_date(env) == {"2026-12-01": 6} and len(jobs(env)) == 2
     assert len(table(env).inspect.files()) == 3  # the three shards of the second run
+
+
+def test_an_iceberg_table_on_s3(nights, s3, tmp_path):
+    """A SQL catalog whose warehouse is on the local S3 server: the same night twice, once in the table."""
+    endpoint = s3["env"]["AWS_ENDPOINT_URL_S3"]
+    env = {**s3["env"], "PYICEBERG_CATALOG__LOCAL__URI": f"sqlite:///{tmp_path}/catalog.db",
+           "PYICEBERG_CATALOG__LOCAL__WAREHOUSE": "s3://nightly/warehouse",
+           "PYICEBERG_CATALOG__LOCAL__S3__ENDPOINT": endpoint, "PYICEBERG_CATALOG__LOCAL__S3__ACCESS_KEY_ID": "test",
+           "PYICEBERG_CATALOG__LOCAL__S3__SECRET_ACCESS_KEY": "test", "PYICEBERG_CATALOG__LOCAL__S3__REGION": "us-east-1"}
+    for night in ("monday", "tuesday"):
+        r = nightly(nights, env, night, "2026-12-01")
+        assert r.returncode == 0, r.stderr
+    from pyiceberg.catalog import load_catalog
+
+    catalog = load_catalog("local", uri=env["PYICEBERG_CATALOG__LOCAL__URI"], warehouse="s3://nightly/warehouse",
+                           **{"s3.endpoint": endpoint, "s3.access-key-id": "test", "s3.secret-access-key": "test",
+                              "s3.region": "us-east-1"})
+    t = catalog.load_table("nightly.answers")
+    assert t.scan().to_arrow().num_rows == 6 and t.location().startswith("s3://nightly/warehouse")
