@@ -425,3 +425,18 @@ def test_a_calibration_of_a_model_with_nothing_to_rank_says_so(tmp_path):
     again = calibrate.load(str(path))  # a share calibrator survives its file
     assert again.calibrator == "share" and again.features == ("share_logit",)
     np.testing.assert_allclose(again.probability(logits), cal.probability(logits))
+
+
+def test_eval_draws_its_plot_through_the_cli(fitted):
+    """README: `qa-batch eval ... --plot PNG` draws the threshold curve and the reliability diagram,
+    before and after --calibration."""
+    d = fitted["dir"]
+    png = d / "eval.png"
+    r = run_cli("eval", d / "plain.parquet", fitted["sample"], "--calibration", d / "cal.json", "--plot", png)
+    assert r.returncode == 0, r.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # an image with two drawn panels
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width > 2 * height * 0.9  # two panels side by side
