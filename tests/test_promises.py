@@ -196,3 +196,12 @@ def test_a_resume_reads_no_row_group_it_has_answered(tmp_path, monkeypatch):
     assert asked == [[2, 3, 4]]  # row groups 0 and 1 (rows 0-19) are never read
     assert windows[0].first_row == 27 and windows[0].passages[0] == "p27"
     assert sum(len(w) for w in windows) == 23
+
+
+def test_an_object_store_that_cannot_be_reached_exits_2_naming_the_input(bert_dir):
+    """README, Exit codes: 2 for a bucket or host that cannot be reached, before the model is loaded."""
+    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    r = run_cli("run", "s3://nightly/in.parquet", "-o", "s3://nightly/out.parquet", "--model", bert_dir, env=env)
+    assert r.returncode == 2
+    assert "input 's3://nightly/in.parquet' cannot be listed" in r.stderr and "Could not connect" in r.stderr
