@@ -266,3 +266,27 @@ def test_what_a_killed_export_left_in_the_cache_is_pruned(tmp_path):
     os.utime(root / ".tmp-old", (old, old))
     assert onnx_backend.prune_leftovers(str(root)) == [str(root / ".tmp-old")]
     assert sorted(os.listdir(root)) == [".tmp-fresh", "abc123"]
+
+
+def test_an_export_whose_logits_differ_from_pytorch_is_refused_and_not_cached(tmp_path, bert_dir, monkeypatch):
+    """README (ONNX Runtime): every export is checked against PyTorch on shapes it never saw; a graph
+    whose logits differ is refused (exit 2, saying by how much) and nothing is left in the cache."""
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("QA_BATCH_CACHE", cache)
+    real = onnx_backend.new_session
+
+    class Shifted:  # the graph onnxruntime would run, its start logits off by 0.5
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            out = self.session.run(names, feed)
+            return [out[0] + 0.5, *out[1:]]
+
+    monkeypatch.setattr(onnx_backend, "new_session", lambda ort, path: Shifted(real(ort, path)))
+    with pytest.raises(UsageError, match=r"the exported graph's logits differ from PyTorch's by [0-9.e-]+ "
+                                         r"\(relative; at most .* allowed\)") as e:
+        onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
+    assert e.value.exit_code == 2
+    entries = os.listdir(os.path.join(cache, "onnx")) if os.path.isdir(os.path.join(cache, "onnx")) else []
+    assert not [n for n in entries if not n.startswith(".")], entries  # no entry a later run would trust
