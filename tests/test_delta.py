@@ -73,8 +73,7 @@ def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path)
     assert meta["options"]["table_format"] == "delta" and meta["job_id"] in commits(table)
 
 
-@pytest.mark.parametrize("point", ["assembling:1", "renaming:1", "table_committing:1", "table_committed:1",
-                                   "cleaning_up:1"])
+@pytest.mark.parametrize("point", ["renaming:1", "table_committing:1", "table_committed:1", "cleaning_up:1"])
 def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
         nights, tmp_path, point):
     table = tmp_path / "answers"

@@ -32,7 +32,7 @@ from pipeline.config import RunConfig
 from pipeline.engines.local import run
 from pipeline.errors import UsageError
 from pipeline.stages.questions import QuestionList, load
-from pipeline.stages.wide import ANSWER_COLUMNS, to_long, wide_name
+from pipeline.stages.wide import ANSWER_COLUMNS, DOCUMENT_ONLY, to_long, wide_name
 from pipeline.stages.write import read_metadata
 from test_differential import models, options, texts  # noqa: F401  (models: the fixture)
 
@@ -336,7 +336,7 @@ def test_the_readme_contracts_example(bert_dir, tmp_path):
     wide = pq.read_table(out)
     assert wide["id"].to_pylist() == [c[0] for c in make_contracts.CONTRACTS]
     assert wide.column_names == ["id", *(wide_name(f, c) for f, _ in make_contracts.FIELDS for c in ANSWER_COLUMNS
-                                         if c != "answers")]  # answers: only with --top-k
+                                         if c != "answers" and c not in DOCUMENT_ONLY)]  # answers: with --top-k
     assert "supplier_confidence" in wide.column_names and "governing_law_error" in wide.column_names
     passages = dict(zip(wide["id"].to_pylist(), (c[2] for c in make_contracts.CONTRACTS)))
     for row in wide.to_pylist():
