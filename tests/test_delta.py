@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,19 +52,18 @@ def commits(table) -> list[str]:
 
 def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path):
     table = tmp_path / "answers"
-    for night, date in (("monday", "2026-11-30"), ("tuesday", "2026-12-01"), ("tuesday", "2026-12-01"),
-                        ("monday", "2026-12-02")):
+    for night, date in (("monday", "2026-12-01"), ("tuesday", "2026-12-01"), ("monday", "2026-12-02")):
         r = nightly(nights, table, night, date)
         assert r.returncode == 0, r.stderr
-    assert rows_by_date(table) == {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
-    assert len(commits(table)) == 4 and len(set(commits(table))) == 4  # a commit per run, each its job id
+    assert rows_by_date(table) == {"2026-12-01": 6, "2026-12-02": 4}
+    assert len(commits(table)) == 3 and len(set(commits(table))) == 3  # a commit per run, each its job id
     assert not os.path.exists(str(table) + ".partial")
     # as an analyst reads it: DuckDB over the table's current files
     import duckdb
 
     dataset = deltalake.DeltaTable(str(table)).to_pyarrow_dataset()  # noqa: F841 (read by name below)
     counts = dict(duckdb.sql("select date, count(*) from dataset group by date").fetchall())
-    assert counts == {"2026-11-30": 4, "2026-12-01": 6, "2026-12-02": 4}
+    assert counts == {"2026-12-01": 6, "2026-12-02": 4}
     # the summary of the run is in its commit, and the data file holds the usual metadata
     history = deltalake.DeltaTable(str(table)).history()
     summary = json.loads(history[0]["qa_batch.summary"])
@@ -73,22 +73,31 @@ def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path)
     assert meta["options"]["table_format"] == "delta" and meta["job_id"] in commits(table)
 
 
-@pytest.mark.parametrize("point", ["renaming:1", "table_committing:1", "table_committed:1", "cleaning_up:1"])
+POINTS = ["renaming:1", "table_committing:1", "table_committed:1", "cleaning_up:1"]  # every state of the commit
+
+
 def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
-        nights, tmp_path, point):
+        nights, tmp_path):
+    """One night rerun again and again, each rerun killed at another point of its commit, then rerun:
+    the nights alternate (4 and 6 rows), so the partition's size says whose answers it holds."""
     table = tmp_path / "answers"
     assert nightly(nights, table, "monday", "2026-12-01").returncode == 0  # the night's first run: 4 rows
-    r = nightly(nights, table, "tuesday", "2026-12-01", env={"QA_BATCH_CRASH_AT": point})  # a rerun: 6 rows, killed
-    assert r.returncode == -9
-    committed = point in ("table_committed:1", "cleaning_up:1")
-    assert rows_by_date(table) == {"2026-12-01": 6 if committed else 4}  # never both, never neither
-    r = nightly(nights, table, "tuesday", "2026-12-01", "--report", tmp_path / "report.json")
-    assert r.returncode == 0, r.stderr
-    assert rows_by_date(table) == {"2026-12-01": 6}
-    assert len(commits(table)) == 2, "the rerun committed the job a second time"
-    assert not os.path.exists(str(table) + ".partial")
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["rows"] == 6 and report["output"] == str(table)
+    held, runs = ("monday", 4), 1
+    for point in POINTS:
+        night, rows = ("tuesday", 6) if held[0] == "monday" else ("monday", 4)
+        r = nightly(nights, table, night, "2026-12-01", env={"QA_BATCH_CRASH_AT": point})
+        assert r.returncode == -9, point
+        committed = point in ("table_committed:1", "cleaning_up:1")
+        assert rows_by_date(table) == {"2026-12-01": rows if committed else held[1]}, point  # never both or neither
+        r = nightly(nights, table, night, "2026-12-01", "--report", tmp_path / "report.json")
+        assert r.returncode == 0, r.stderr
+        runs += 1
+        assert rows_by_date(table) == {"2026-12-01": rows}, point
+        assert len(commits(table)) == runs, f"{point}: the rerun committed the job a second time"
+        assert not os.path.exists(str(table) + ".partial")
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["rows"] == rows and report["output"] == str(table)
+        held = (night, rows)
 
 
 def test_a_run_of_another_schema_is_refused_unless_merged(nights, tmp_path):
@@ -122,16 +131,28 @@ def test_without_a_partition_runs_append(nights, tmp_path):
     assert pl.read_delta(str(table)).height == 10
 
 
-@pytest.mark.parametrize("extra, match", [
-    (("--table-format", "delta", "--partition", "date"), "expected KEY=VALUE"),
-    (("--partition", "date=2026-12-01"), "--partition needs a table: add --table-format delta or iceberg"),
-    (("--table-format", "delta", "--overwrite"), "--overwrite does not apply to a Delta table"),
-    (("--table-format", "delta", "--partition", "question=x"), "the output has a column 'question' of its own"),
-    (("--table-format", "orc",), "expected parquet, delta or iceberg"),
+@pytest.mark.parametrize("options, match", [
+    (dict(table_format="delta", partition=("date",)), "expected KEY=VALUE"),
+    (dict(partition=("date=2026-12-01",)), "--partition needs a table: add --table-format delta or iceberg"),
+    (dict(table_format="delta", overwrite=True), "--overwrite does not apply to a Delta table"),
+    (dict(table_format="delta", partition=("question=x",)), "the output has a column 'question' of its own"),
+    (dict(table_format="orc"), "expected parquet, delta or iceberg"),
 ])
-def test_bad_table_options_are_refused_before_any_model_work(nights, tmp_path, extra, match):
-    r = run_cli("run", nights["inputs"]["monday"], "-o", tmp_path / "t", "--model", tmp_path / "no-model", *extra)
-    assert r.returncode == 2 and match in r.stderr, r.stderr
+def test_bad_table_options_are_refused_before_any_model_work(nights, tmp_path, options, match):
+    from pipeline.config import RunConfig
+    from pipeline.engines.job import Job
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(match)):
+        job = Job.plan_for(RunConfig(inputs=(nights["inputs"]["monday"],), output=str(tmp_path / "t"),
+                                     model=str(tmp_path / "no-model"), **options))
+        job.check_output()
+
+
+def test_the_cli_exits_2_on_a_bad_table_option(nights, tmp_path):
+    r = run_cli("run", nights["inputs"]["monday"], "-o", tmp_path / "t", "--model", tmp_path / "no-model",
+                "--table-format", "delta", "--overwrite")
+    assert r.returncode == 2 and "--overwrite does not apply to a Delta table" in r.stderr
 
 
 def test_a_folder_that_is_not_a_delta_table_is_refused(nights, tmp_path):
@@ -164,8 +185,7 @@ def test_documents_go_to_a_table_too(nights, tmp_path):
     assert df["doc"].to_list() == ["a", "b"] and df["passages"].to_list() == [2, 1]
 
 
-@pytest.mark.parametrize("point", ["publishing:1", "table_committed:1"])
-def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point):
+def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point="publishing:1"):
     """--engine ray: the shard files become the table's data files in one commit; killed while
     copying them in or after the commit, the rerun leaves the partition in the table once."""
     pytest.importorskip("ray")

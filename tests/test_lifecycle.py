@@ -429,10 +429,12 @@ def run_machine(machine, max_examples: int, steps: int) -> None:
         derandomize=settings.default.derandomize, suppress_health_check=list(HealthCheck)))
 
 
+@pytest.mark.slow
 def test_the_local_engine_keeps_the_lifecycle_contract():
     run_machine(Lifecycle, examples(ci=6, long=1000), steps=8)
 
 
+@pytest.mark.slow
 def test_the_ray_engine_keeps_the_lifecycle_contract():
     pytest.importorskip("ray.data")
     import logging

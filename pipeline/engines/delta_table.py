@@ -108,13 +108,20 @@ def place(uri: str, partition: dict[str, str], name: str) -> str:
 
 def commit(uri: str, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
            summary: dict, schema_mode: str) -> None:
-    """Register `files` ((path inside the table, rows) each) in one transaction: replacing the
-    partition, or appending without one; creating the table on its first run."""
+    """Register `files` ((path, rows) each; one written elsewhere is copied into the table first) in
+    one transaction: replacing the partition, or appending without one; creating the table on its
+    first run."""
     dl = _deltalake()
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     adds = []
-    for path, rows in files:
+    for i, (path, rows) in enumerate(files):
+        if not storage.within(path, uri):  # a file written elsewhere (a Ray shard): copied in first
+            target = place(uri, partition, f"part-{job_id}-{i:05d}.parquet")
+            storage.make_dirs(storage.parent(target))
+            storage.copy(path, target)
+            faults.point("publishing")
+            path = target
         info = storage.info(path)
         adds.append(AddAction(storage.relative(uri, path), info.size, dict(partition),
                               info.mtime_ns // 1_000_000 or int(time.time() * 1000), True,
@@ -151,3 +158,29 @@ def summary_of(uri: str, job_id: str) -> dict:
             return json.loads(entry["qa_batch.summary"])
     raise RuntimeFailure(f"the Delta table {uri} names job {job_id} as committed but its commit was not found in "
                          "the table's history")
+
+
+class DeltaTarget:
+    """--table-format delta as the engines use it (tables.TableTarget)."""
+
+    partition_in_files = False  # Delta keeps partition values in its log
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def check(self, file_schema: pa.Schema, partition: dict[str, str], schema_mode: str) -> None:
+        check_table(self.uri, file_schema, partition, schema_mode)
+
+    def committed(self, job_id: str | None) -> bool:
+        return committed(self.uri, job_id)
+
+    def summary_of(self, job_id: str) -> dict:
+        return summary_of(self.uri, job_id)
+
+    def assembly_path(self, work_dir: str, partition: dict[str, str], job_id: str) -> str:
+        """Inside the table, in its partition's folder: the commit registers it where it is."""
+        return data_file(self.uri, partition, job_id)
+
+    def commit(self, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
+               summary: dict, schema_mode: str) -> None:
+        commit(self.uri, files, file_schema, partition, job_id, summary, schema_mode)

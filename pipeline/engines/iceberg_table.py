@@ -119,12 +119,13 @@ def summary_of(catalog_name: str, output: str, job_id: str) -> dict:
     raise RuntimeFailure(f"the Iceberg table {output} names job {job_id} as committed but no snapshot holds its summary")
 
 
-def commit(catalog_name: str, output: str, paths: list[str], schema: pa.Schema, partition: dict[str, str],
+def commit(catalog_name: str, output: str, paths: list[str], file_schema: pa.Schema, partition: dict[str, str],
            job_id: str, summary: dict, schema_mode: str) -> None:
     """Create the table on its first run, copy the files the run wrote (partition columns included)
     into its data folder, and register them in one transaction, replacing the partition."""
     from pyiceberg.expressions import And, EqualTo
 
+    schema = table_schema(file_schema, partition)
     catalog = _catalog(catalog_name)
     namespace, _ = identifier(output)
     faults.point("table_committing")
@@ -162,3 +163,30 @@ def commit(catalog_name: str, output: str, paths: list[str], schema: pa.Schema, 
         raise RuntimeFailure(f"could not commit to the Iceberg table {output}: {e}. The answers are kept: rerun the "
                              "same command to commit them") from None
     faults.point("table_committed")
+
+
+class IcebergTarget:
+    """--table-format iceberg as the engines use it (tables.TableTarget)."""
+
+    partition_in_files = True  # add_files reads a file's partition from its columns
+
+    def __init__(self, catalog: str, output: str):
+        self.catalog, self.output = catalog, output
+
+    def check(self, file_schema: pa.Schema, partition: dict[str, str], schema_mode: str) -> None:
+        check_table(self.catalog, self.output, file_schema, partition, schema_mode)
+
+    def committed(self, job_id: str | None) -> bool:
+        return committed(self.catalog, self.output, job_id)
+
+    def summary_of(self, job_id: str) -> dict:
+        return summary_of(self.catalog, self.output, job_id)
+
+    def assembly_path(self, work_dir: str, partition: dict[str, str], job_id: str) -> str:
+        """In the work directory: the commit copies it into the table's data folder."""
+        return storage.join(work_dir, "answers.parquet")
+
+    def commit(self, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
+               summary: dict, schema_mode: str) -> None:
+        commit(self.catalog, self.output, [path for path, _ in files], file_schema, partition, job_id, summary,
+               schema_mode)

@@ -28,7 +28,7 @@ from ..stages.read import InputPlan, plan_inputs
 from ..stages.documents import Grouping
 from ..stages.shape import OutputShape, PerDocument, PerPair, WithPartition
 from ..stages.write import read_metadata
-from . import delta_table, iceberg_table, tables
+from . import iceberg_table, tables
 from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
@@ -220,6 +220,7 @@ class Job:
     started: float  # perf_counter at the start
     started_at: str
     calibration: calibrate.Calibration | None = None  # --calibration, loaded once (plan_calibration)
+    table: tables.TableTarget | None = None  # --table-format: the table the run commits to
 
     @classmethod
     def plan_for(cls, config: RunConfig,
@@ -236,7 +237,7 @@ class Job:
         if config.table_format == "iceberg":  # a table of a catalog, not a path: parts beside its data
             return cls(config, plan, config.output, WorkDir(iceberg_table.work_dir(config.catalog, config.output)),
                        output_shape(config, plan, calibration), total_rows(config, plan), started, started_at,
-                       calibration)
+                       calibration, tables.target_for(config.table_format, config.output, config.catalog))
         output = config.output or default_output_for(config.inputs, plan.files)
         if config.table_format == "delta" and not config.output:  # a table is a folder: <stem>.answers
             output = output.replace(".answers.parquet", ".answers", 1)
@@ -248,7 +249,8 @@ class Job:
             output = storage.without_trailing_slash(output)
         check_apart_from_inputs(output, config.inputs, plan.files)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), output_shape(config, plan, calibration),
-                   total_rows(config, plan), started, started_at, calibration)
+                   total_rows(config, plan), started, started_at, calibration,
+                   tables.target_for(config.table_format, output, config.catalog))
 
     @property
     def file_schema(self) -> pa.Schema:
@@ -260,9 +262,11 @@ class Job:
         return Target(self.config, self.plan, self.shape, self.parts.write_part, self.parts.path)
 
     @property
-    def file_shape(self) -> OutputShape | WithPartition:
+    def file_shape(self) -> OutputShape:
         """The shape of the files the run writes: with Iceberg, the partition columns appended."""
-        return file_shape(self.config, self.shape)
+        if self.table is not None and self.table.partition_in_files:
+            return WithPartition(self.shape, tuple(self.partition.items()))
+        return self.shape
 
     @property
     def partition(self) -> dict[str, str]:
@@ -270,15 +274,12 @@ class Job:
 
     def check_output(self) -> None:
         """Before any model work: the output path is usable (an output this job wrote may stay);
-        a Delta table has this run's partition columns and schema."""
-        if self.config.table_format == "iceberg":
-            iceberg_table.check_table(self.config.catalog, self.output, self.file_schema, self.partition,
-                                      self.config.schema_mode)
-            return
-        if self.config.table_format == "delta":
-            if not storage.is_uri(self.output) and not os.path.isdir(storage.parent(self.output)):
+        a table has this run's partition columns and schema."""
+        if self.table is not None:
+            if self.config.table_format == "delta" and not storage.is_uri(self.output) \
+                    and not os.path.isdir(storage.parent(self.output)):
                 raise UsageError(f"output directory {storage.parent(self.output)} does not exist")
-            delta_table.check_table(self.output, self.file_schema, self.partition, self.config.schema_mode)
+            self.table.check(self.file_schema, self.partition, self.config.schema_mode)
             return
         check_output(self.output, self.plan, self.config.overwrite or self.parts.wrote(self.output))
 
@@ -304,9 +305,8 @@ class Job:
                         "rows_per_window": c.rows_per_window},
             "schema": self.shape.window_schema.to_string(),
             "versions": versions(c),
-        }, self.output, c.restart, c.overwrite or c.table_format != "parquet",  # a table is meant to exist
-            (lambda job_id: iceberg_table.committed(c.catalog, self.output, job_id)) if c.table_format == "iceberg"
-            else None)
+        }, self.output, c.restart, c.overwrite or self.table is not None,  # a table is meant to exist
+            self.table.committed if self.table is not None else None)
         if opened is Opened.FINISHED:
             return None
         return self.parts.todo(self.total_rows, c.rows_per_window)
@@ -314,10 +314,8 @@ class Job:
     def already_done(self) -> RunSummary:
         """The summary stored in this job's output; the work directory's leftovers removed."""
         self.parts.remove()
-        if self.config.table_format == "iceberg":
-            stored = iceberg_table.summary_of(self.config.catalog, self.output, self.parts.job_id)
-        elif self.config.table_format == "delta":
-            stored = delta_table.summary_of(self.output, self.parts.job_id)
+        if self.table is not None:
+            stored = self.table.summary_of(self.parts.job_id)
         else:
             stored = read_metadata(self.output)["summary"]
         return write_report(RunSummary.from_dict({**stored, "output": self.output}), self.config)
@@ -337,19 +335,13 @@ class Job:
             return json.dumps({**metadata, "job_id": self.parts.job_id, "finished_at": summary.finished_at,
                                "summary": summary.as_dict()}).encode()
 
-        if self.config.table_format == "delta":  # the answers are written inside the table, then committed
-            path = delta_table.data_file(self.output, self.partition, self.parts.job_id)
+        if self.table is not None:  # one file, registered in the table by one commit
+            path = self.table.assembly_path(self.parts.path, self.partition, self.parts.job_id)
             storage.make_dirs(storage.parent(path))
-            counts = self.parts.assemble(path, self.shape, final_metadata)
+            counts = self.parts.assemble(path, self.file_shape, final_metadata)
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
-            delta_table.commit(self.output, [(path, counts["output_rows"])], self.file_schema, self.partition,
-                               self.parts.job_id, summary.as_dict(), self.config.schema_mode)
-        elif self.config.table_format == "iceberg":  # assembled in the work directory, then copied in and registered
-            path = storage.join(self.parts.path, "answers.parquet")
-            self.parts.assemble(path, self.file_shape, final_metadata)
-            summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
-            iceberg_table.commit(self.config.catalog, self.output, [path], self.file_shape.schema, self.partition,
-                                 self.parts.job_id, summary.as_dict(), self.config.schema_mode)
+            self.table.commit([(path, counts["output_rows"])], self.file_schema, self.partition, self.parts.job_id,
+                              summary.as_dict(), self.config.schema_mode)
         else:
             self.parts.assemble(self.output, self.shape, final_metadata)
             summary.stage_seconds["assemble"] = round(time.perf_counter() - t0, 3)
@@ -368,13 +360,6 @@ def output_shape(c: RunConfig, plan: InputPlan, calibration: calibrate.Calibrati
     # the calibration's null bias is the null threshold; its confidence replaces the softmax share
     return PerDocument.build(plan, group, c.top_k, c.wide, calibration.null_bias is not None,
                              calibration.null_bias or 0.0, functools.partial(calibrate.apply_to_answers, calibration))
-
-
-def file_shape(c: RunConfig, shape: OutputShape) -> OutputShape | WithPartition:
-    """The files' shape: Iceberg reads a file's partition from its columns, Delta from its log."""
-    if c.table_format == "iceberg":
-        return WithPartition(shape, tuple(tables.parse_partition(c.partition).items()))
-    return shape
 
 
 def total_rows(c: RunConfig, plan: InputPlan) -> int:

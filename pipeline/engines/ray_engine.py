@@ -58,8 +58,7 @@ from ..stages.shape import OutputShape
 from ..stages.write import METADATA_KEY
 from . import commit
 from .chain import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, Stages
-from . import delta_table, iceberg_table
-from .job import Job, answer_identity, default_output, file_shape, output_shape, questions_metadata, versions
+from .job import Job, answer_identity, default_output, questions_metadata, versions
 from .loop import Target, answer_ranges
 from .report import COUNTS, Progress, RunSummary, bottleneck, write_report
 from .resume import MANIFEST, input_fingerprint, output_job_id, readable
@@ -161,7 +160,7 @@ class RayAnswerer:
     """A Ray Data actor: one model, many shards; each shard's answers become one file."""
 
     def __init__(self, config: RunConfig, plan: InputPlan, metadata: dict, threads: int, files: str,
-                 model: dict, calibration: calibrate.Calibration | None = None):
+                 model: dict, shape: OutputShape, calibration: calibrate.Calibration | None = None):
         import ray
         import torch
 
@@ -175,7 +174,7 @@ class RayAnswerer:
         # each file's metadata: the driver's (version, options, job) and this actor's model and device
         self.metadata = {**metadata, "model": loaded.identity, "device": str(loaded.device),
                          "dtype": loaded.dtype_name}
-        self.shape = file_shape(config, output_shape(config, plan, calibration))  # Iceberg: partition columns too
+        self.shape = shape  # the driver's Job.file_shape: with Iceberg, the partition columns too
         self.oom_splits = 0  # the predictor's count when the last shard was reported
 
     def __call__(self, batch: dict) -> dict:
@@ -279,13 +278,11 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
             _check_gpus(rj, actors)
             staged = open_staging(rj, actors)
             if staged is Staged.PUBLISHED:  # killed after publishing, before the clean-up
-                if config.table_format == "parquet":
+                if rj.job.table is None:
                     commit.clean_up(rj.job.output)
                     stored = commit.read_success(rj.job.output)
-                elif config.table_format == "delta":  # the summary the job's commit recorded
-                    stored = delta_table.summary_of(rj.job.output, rj.job.parts.job_id)
-                else:
-                    stored = iceberg_table.summary_of(config.catalog, rj.job.output, rj.job.parts.job_id)
+                else:  # the summary the job's commit recorded
+                    stored = rj.job.table.summary_of(rj.job.parts.job_id)
                 storage.delete(rj.job.parts.path)
                 return write_report(_summary_from(stored, rj.job.output), config)
             if staged is Staged.TO_ANSWER:
@@ -317,7 +314,7 @@ def plan(config: RunConfig) -> RayJob:
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
     job = Job.plan_for(config, default_output_dir)  # actors get its calibration: the file may be on this node only
     files = storage.join(job.parts.path, FILES)
-    if config.table_format != "parquet":  # a table: its schema and partitioning checked, it may exist
+    if job.table is not None:  # a table: its schema and partitioning checked, it may exist
         job.check_output()
         return RayJob(job, num_gpus, model_identity(config.model), files)
     if not storage.is_uri(job.output):  # object stores have no folders to check
@@ -339,9 +336,8 @@ def open_staging(rj: RayJob, actors: ActorPlan) -> Staged:
     job = rj.job
     c = rj.config
     job.parts.open_for(_manifest(c, job.plan, rj.model, actors.gpu, job.file_schema, job.calibration),
-                       job.output, c.restart, c.overwrite or c.table_format != "parquet",
-                       (lambda job_id: iceberg_table.committed(c.catalog, job.output, job_id))
-                       if c.table_format == "iceberg" else None)
+                       job.output, c.restart, c.overwrite or job.table is not None,
+                       job.table.committed if job.table is not None else None)
     if _published(rj):
         return Staged.PUBLISHED
     if (commit.read_success(rj.files) or {}).get("job_id") == job.parts.job_id:
@@ -409,32 +405,19 @@ def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before:
 
 def _published(rj: RayJob) -> bool:
     """Is the output this job's: its _SUCCESS, or its commit in the table?"""
-    job, c = rj.job, rj.config
-    if c.table_format == "delta":
-        return delta_table.committed(job.output, job.parts.job_id)
-    if c.table_format == "iceberg":
-        return iceberg_table.committed(c.catalog, job.output, job.parts.job_id)
+    job = rj.job
+    if job.table is not None:
+        return job.table.committed(job.parts.job_id)
     return (commit.read_success(job.output) or {}).get("job_id") == job.parts.job_id
 
 
 def publish_to_table(rj: RayJob, staged: dict) -> None:
-    """The checked shard files registered in the table in one commit (Delta: copied into it first;
-    Iceberg: copied into its data folder by the commit). Repeatable until the commit lands."""
-    job, c = rj.job, rj.config
-    shards = sorted(((r, f) for r, f in _shard_files(rj.files).items()), key=lambda t: t[0])
-    if c.table_format == "delta":
-        placed = []
-        for (a, b), path in shards:
-            target = delta_table.place(job.output, job.partition, f"part-{job.parts.job_id}-{a:012d}-{b:012d}.parquet")
-            storage.make_dirs(storage.parent(target))
-            storage.copy(path, target)
-            placed.append((target, open_parquet(path).metadata.num_rows))
-            faults.point("publishing")
-        delta_table.commit(job.output, placed, job.file_schema, job.partition, job.parts.job_id, staged,
-                           c.schema_mode)
-    else:
-        iceberg_table.commit(c.catalog, job.output, [path for _, path in shards], job.file_shape.schema,
-                             job.partition, job.parts.job_id, staged, c.schema_mode)
+    """The checked shard files, in row order, placed in the table and registered in one commit
+    (tables.py); repeatable until the commit lands. Files are copied, never rows."""
+    job = rj.job
+    shards = [path for _, path in sorted(_shard_files(rj.files).items())]
+    job.table.commit([(path, open_parquet(path).metadata.num_rows) for path in shards], job.file_schema,
+                     job.partition, job.parts.job_id, staged, rj.config.schema_mode)
 
 
 def publish(rj: RayJob) -> RunSummary:
@@ -442,7 +425,7 @@ def publish(rj: RayJob) -> RunSummary:
     job = rj.job
     staged = commit.read_success(rj.files)
     try:
-        if rj.config.table_format != "parquet":
+        if job.table is not None:
             publish_to_table(rj, staged)
         else:
             commit.publish(rj.files, job.output)
@@ -706,7 +689,8 @@ def _answer_shards(cluster: RayConnection, shards: list[Range], actors: ActorPla
         RayAnswerer, batch_size=1, compute=_pool(ray, actors, max_actors), num_cpus=actors.cpus,
         num_gpus=1 if actors.gpu else 0,
         fn_constructor_kwargs={"config": config, "plan": plan, "metadata": metadata, "threads": actors.threads,
-                               "files": files, "model": rj.model, "calibration": rj.job.calibration})  # Ray Data restarts lost actors, redoes their shards
+                               "files": files, "model": rj.model, "shape": rj.job.file_shape,
+                               "calibration": rj.job.calibration})  # Ray Data restarts lost actors, redoes their shards
     results: queue.Queue = queue.Queue()
 
     def consume() -> None:  # its own thread, so that the driver can stop waiting at any time

@@ -37,7 +37,7 @@ from ..errors import RuntimeFailure, UsageError
 from ..stages.read import InputPlan
 from ..stages.shape import OutputShape
 from ..stages.write import read_metadata
-from . import commit, delta_table
+from . import commit
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d{12})\.parquet$")
@@ -114,13 +114,9 @@ def output_job_id(output: str) -> str | None:
 
 
 def _is_output_of(manifest: dict | None, output: str) -> bool:
-    """Does `output` carry the job id of `manifest` (the output that job wrote, or a Delta table
-    it committed to)?"""
-    if manifest is None or manifest.get("job_id") is None:
-        return False
-    if delta_table.is_table(output):
-        return delta_table.committed(output, manifest["job_id"])
-    return output_job_id(output) == manifest["job_id"]
+    """Does `output` carry the job id of `manifest` (the output that job wrote)? Tables answer
+    through WorkDir.open's `committed`."""
+    return manifest is not None and manifest.get("job_id") is not None and output_job_id(output) == manifest["job_id"]
 
 
 def readable(path: str) -> bool:

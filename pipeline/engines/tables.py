@@ -1,15 +1,53 @@
-"""What the table formats share (--table-format delta, iceberg): the partition a run writes, the
-table's columns, and how a table's schema differs from a run's output."""
+"""What the table formats share (--table-format delta, iceberg): the one interface the engines
+use (`TableTarget`, made by `target_for`), the partition a run writes, the table's columns, and
+how a table's schema differs from a run's output.
+
+A run writes its answers as Parquet files, then one commit registers them in the table:
+
+    check(file_schema, partition, schema_mode)   before any model work: refused (exit 2) if it cannot fit
+    assembly_path(work_dir, partition, job_id)   where the local engine assembles its one file
+    commit(files, ...)                           the files (anywhere) placed in the table and registered
+    committed(job_id), summary_of(job_id)        what a rerun reads: did this job commit, with what summary
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 import pyarrow as pa
 
 from ..errors import UsageError
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class TableTarget(Protocol):
+    partition_in_files: bool  # Iceberg reads a file's partition from its columns; Delta from its log
+
+    def check(self, file_schema: pa.Schema, partition: dict[str, str], schema_mode: str) -> None: ...
+
+    def committed(self, job_id: str | None) -> bool: ...
+
+    def summary_of(self, job_id: str) -> dict: ...
+
+    def assembly_path(self, work_dir: str, partition: dict[str, str], job_id: str) -> str: ...
+
+    def commit(self, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
+               summary: dict, schema_mode: str) -> None: ...
+
+
+def target_for(table_format: str, output: str, catalog: str) -> TableTarget | None:
+    """The table a run commits to (None: a plain Parquet output)."""
+    if table_format == "delta":
+        from .delta_table import DeltaTarget
+
+        return DeltaTarget(output)
+    if table_format == "iceberg":
+        from .iceberg_table import IcebergTarget
+
+        return IcebergTarget(catalog, output)
+    return None
 
 
 def parse_partition(values: tuple[str, ...]) -> dict[str, str]:

@@ -152,4 +152,4 @@ class WithPartition:
             yield self._with_columns(t)
 
 
-OutputShape = PerPair | PerDocument
+OutputShape = PerPair | PerDocument | WithPartition
