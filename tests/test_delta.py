@@ -76,6 +76,7 @@ def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path)
 POINTS = ["renaming:1", "table_committing:1", "table_committed:1", "cleaning_up:1"]  # every state of the commit
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
         nights, tmp_path):
     """One night rerun again and again, each rerun killed at another point of its commit, then rerun:
@@ -185,6 +186,7 @@ def test_documents_go_to_a_table_too(nights, tmp_path):
     assert df["doc"].to_list() == ["a", "b"] and df["passages"].to_list() == [2, 1]
 
 
+@pytest.mark.slow
 def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point="publishing:1"):
     """--engine ray: the shard files become the table's data files in one commit; killed while
     copying them in or after the commit, the rerun leaves the partition in the table once."""
@@ -205,7 +207,8 @@ def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path, point="publi
 
 def test_a_delta_table_on_s3(nights, s3):
     """The same nightly partition twice into a table on the local S3 server: once in the table."""
-    table = "s3://nightly/delta-answers"
+    s3["fs"].create_dir("tables")  # a bucket of its own: other tests list the "nightly" bucket
+    table = "s3://tables/delta-answers"
     for night in ("monday", "tuesday"):
         r = nightly(nights, table, night, "2026-12-01", env=s3["env"])
         assert r.returncode == 0, r.stderr

@@ -77,6 +77,7 @@ def test_each_night_is_in_the_table_once_however_often_it_runs(nights, tmp_path)
     assert not os.path.exists(tmp_path / "warehouse" / ".qa-batch" / "nightly.answers.partial")
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_of_the_commit_leaves_the_old_partition_or_the_new_and_the_rerun_the_new(
         nights, tmp_path):
     """One night rerun again and again, each rerun killed at another point of its commit, then rerun
@@ -122,6 +123,7 @@ def test_a_bad_table_name_or_catalog_is_refused_before_any_model_work(nights, tm
     assert r.returncode == 2 and "--catalog nowhere" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_nightly_tables_recipe_holds_each_night_once_in_both_tables(nights, tmp_path):
     """jobs/tables/nightly-tables.sh: the same night twice, then the next night, into a Delta table and
     an Iceberg table: each night's answers are in each table once."""
@@ -147,6 +149,7 @@ def test_the_nightly_tables_recipe_holds_each_night_once_in_both_tables(nights, 
     assert rows_by_date(catalog_env(tmp_path)) == want
 
 
+@pytest.mark.slow
 def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path):
     """--engine ray: the shard files (partition columns included) registered in one commit; the same
     night again replaces them."""
@@ -163,8 +166,9 @@ def test_ray_commits_its_shards_to_the_table_once(nights, tmp_path):
 def test_an_iceberg_table_on_s3(nights, s3, tmp_path):
     """A SQL catalog whose warehouse is on the local S3 server: the same night twice, once in the table."""
     endpoint = s3["env"]["AWS_ENDPOINT_URL_S3"]
+    s3["fs"].create_dir("tables")  # a bucket of its own: other tests list the "nightly" bucket
     env = {**s3["env"], "PYICEBERG_CATALOG__LOCAL__URI": f"sqlite:///{tmp_path}/catalog.db",
-           "PYICEBERG_CATALOG__LOCAL__WAREHOUSE": "s3://nightly/warehouse",
+           "PYICEBERG_CATALOG__LOCAL__WAREHOUSE": "s3://tables/warehouse",
            "PYICEBERG_CATALOG__LOCAL__S3__ENDPOINT": endpoint, "PYICEBERG_CATALOG__LOCAL__S3__ACCESS_KEY_ID": "test",
            "PYICEBERG_CATALOG__LOCAL__S3__SECRET_ACCESS_KEY": "test", "PYICEBERG_CATALOG__LOCAL__S3__REGION": "us-east-1"}
     for night in ("monday", "tuesday"):
@@ -172,8 +176,8 @@ def test_an_iceberg_table_on_s3(nights, s3, tmp_path):
         assert r.returncode == 0, r.stderr
     from pyiceberg.catalog import load_catalog
 
-    catalog = load_catalog("local", uri=env["PYICEBERG_CATALOG__LOCAL__URI"], warehouse="s3://nightly/warehouse",
+    catalog = load_catalog("local", uri=env["PYICEBERG_CATALOG__LOCAL__URI"], warehouse="s3://tables/warehouse",
                            **{"s3.endpoint": endpoint, "s3.access-key-id": "test", "s3.secret-access-key": "test",
                               "s3.region": "us-east-1"})
     t = catalog.load_table("nightly.answers")
-    assert t.scan().to_arrow().num_rows == 6 and t.location().startswith("s3://nightly/warehouse")
+    assert t.scan().to_arrow().num_rows == 6 and t.location().startswith("s3://tables/warehouse")

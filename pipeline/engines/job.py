@@ -28,7 +28,7 @@ from ..stages.read import InputPlan, plan_inputs
 from ..stages.documents import Grouping
 from ..stages.shape import OutputShape, PerDocument, PerPair, WithPartition
 from ..stages.write import read_metadata
-from . import iceberg_table, tables
+from . import delta_table, iceberg_table, tables
 from .loop import Target
 from .report import Progress, RunSummary, write_report
 from .resume import Opened, WorkDir, input_fingerprint, work_dir_for
@@ -237,7 +237,7 @@ class Job:
         if config.table_format == "iceberg":  # a table of a catalog, not a path: parts beside its data
             return cls(config, plan, config.output, WorkDir(iceberg_table.work_dir(config.catalog, config.output)),
                        output_shape(config, plan, calibration), total_rows(config, plan), started, started_at,
-                       calibration, tables.target_for(config.table_format, config.output, config.catalog))
+                       calibration, table_target(config.table_format, config.output, config.catalog))
         output = config.output or default_output_for(config.inputs, plan.files)
         if config.table_format == "delta" and not config.output:  # a table is a folder: <stem>.answers
             output = output.replace(".answers.parquet", ".answers", 1)
@@ -250,7 +250,7 @@ class Job:
         check_apart_from_inputs(output, config.inputs, plan.files)
         return cls(config, plan, output, WorkDir(work_dir_for(output)), output_shape(config, plan, calibration),
                    total_rows(config, plan), started, started_at, calibration,
-                   tables.target_for(config.table_format, output, config.catalog))
+                   table_target(config.table_format, output, config.catalog))
 
     @property
     def file_schema(self) -> pa.Schema:
@@ -360,6 +360,15 @@ def output_shape(c: RunConfig, plan: InputPlan, calibration: calibrate.Calibrati
     # the calibration's null bias is the null threshold; its confidence replaces the softmax share
     return PerDocument.build(plan, group, c.top_k, c.wide, calibration.null_bias is not None,
                              calibration.null_bias or 0.0, functools.partial(calibrate.apply_to_answers, calibration))
+
+
+def table_target(table_format: str, output: str, catalog: str) -> tables.TableTarget | None:
+    """The table a run commits to (None: a plain Parquet output)."""
+    if table_format == "delta":
+        return delta_table.DeltaTarget(output)
+    if table_format == "iceberg":
+        return iceberg_table.IcebergTarget(catalog, output)
+    return None
 
 
 def total_rows(c: RunConfig, plan: InputPlan) -> int:

@@ -1,5 +1,5 @@
 """What the table formats share (--table-format delta, iceberg): the one interface the engines
-use (`TableTarget`, made by `target_for`), the partition a run writes, the table's columns, and
+use (`TableTarget`, made by `job.table_target`), the partition a run writes, the table's columns, and
 how a table's schema differs from a run's output.
 
 A run writes its answers as Parquet files, then one commit registers them in the table:
@@ -35,19 +35,6 @@ class TableTarget(Protocol):
 
     def commit(self, files: list[tuple[str, int]], file_schema: pa.Schema, partition: dict[str, str], job_id: str,
                summary: dict, schema_mode: str) -> None: ...
-
-
-def target_for(table_format: str, output: str, catalog: str) -> TableTarget | None:
-    """The table a run commits to (None: a plain Parquet output)."""
-    if table_format == "delta":
-        from .delta_table import DeltaTarget
-
-        return DeltaTarget(output)
-    if table_format == "iceberg":
-        from .iceberg_table import IcebergTarget
-
-        return IcebergTarget(catalog, output)
-    return None
 
 
 def parse_partition(values: tuple[str, ...]) -> dict[str, str]:
