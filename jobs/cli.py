@@ -106,13 +106,16 @@ def run(
         help="Comma-separated devices, one worker process each, e.g. cuda:0,cuda:2 (or cpu,cpu). "
              "Same output as one device."),
     dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.", rich_help_panel="Model and device"),
-    quantize: str = typer.Option("none", help="int8: dynamic int8 linear layers, a faster CPU path "
-        "(about 2x). Answers differ from float32: on a trained MiniLM 38% of SQuAD paragraph answers changed and "
-        "F1 fell by 1.1 (0.4 at the best null threshold); see BENCHMARKS.md, Answer quality.",
+    quantize: str = typer.Option("none", help="int8: ONNX Runtime's dynamic int8 on the CPU (whatever --backend says; "
+        "about 1.35x float32's speed). Answers differ from float32: on a trained MiniLM 18% of SQuAD paragraph answers "
+        "changed, F1 within 1.0; see BENCHMARKS.md, Answer quality.",
         rich_help_panel="Model and device"),
-    backend: str = typer.Option("torch", help="torch, or onnxruntime: the model exported once to ONNX (cached in "
-        "$QA_BATCH_CACHE/onnx, default ~/.cache/qa-batch/onnx) and run by ONNX Runtime on the CPU, float32 or with "
-        "--quantize int8 (pip install 'qa-batch\\[onnxruntime]').", rich_help_panel="Model and device"),
+    backend: str = typer.Option("torch", help="torch; onnxruntime or openvino: the model exported once to ONNX "
+        "(cached in $QA_BATCH_CACHE/onnx, default ~/.cache/qa-batch/onnx) and run on the CPU by ONNX Runtime or "
+        "OpenVINO (float32 with PyTorch's answers; openvino also --dtype bfloat16); auto: the fastest of these that "
+        "keeps float32's answers on this device, as measured in BENCHMARKS.md (openvino on a CPU where it is "
+        "installed, else torch). pip install -e '.\\[onnxruntime]' or '.\\[openvino]' in a checkout.",
+        rich_help_panel="Model and device"),
     batch_size: Optional[int] = typer.Option(None, show_default=False,
         help="Most chunks per forward pass. Default: 256 on CUDA, 4 per worker on CPU.", rich_help_panel="Throughput"),
     max_batch_tokens: Optional[int] = typer.Option(None, show_default=False,
@@ -206,7 +209,7 @@ def run(
             os._exit(_exit_code(signum))
         doing = "cancelling the Ray job, keeping its finished shards" if engine == "ray" else \
             "finishing the batches in flight"
-        if backend == "onnxruntime":  # an export takes seconds and is kept whole or not at all
+        if backend != "torch" or quantize != "none":  # an export takes seconds and is kept whole or not at all
             doing += " (an ONNX export under way is finished first, then kept in the cache)"
         log.say("signal", f"{signal.Signals(signum).name}: {doing} (send it again to stop at once)",
                 level="warning", signal=signal.Signals(signum).name)

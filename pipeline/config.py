@@ -38,8 +38,9 @@ class RunConfig:
     device: str = "auto"
     devices: tuple[str, ...] = ()  # several devices: one worker process each (workers.py)
     dtype: str = "auto"
-    quantize: str = "none"  # "int8": dynamic int8 linear layers on the CPU
-    backend: str = "torch"  # "onnxruntime": the model exported to ONNX, run by ONNX Runtime on the CPU (onnx_backend.py)
+    quantize: str = "none"  # "int8": ONNX Runtime's dynamic int8 on the CPU, whatever the backend (onnx_backend.py)
+    # "onnxruntime"/"openvino": the model exported to ONNX, run on the CPU; "auto": decided per device (onnx_backend.resolved)
+    backend: str = "torch"
     batch_size: int | None = None  # chunks per forward; None: per-device default
     max_batch_tokens: int | None = None  # padded tokens per forward; None: batch_size x max_seq_len
     cpu_workers: int | None = None  # CPU only: parallel single-threaded batches; None: torch's thread count

@@ -1,14 +1,19 @@
-"""--backend onnxruntime: the same answers as PyTorch float32, the export cached and reused, a
-corrupt or stale cache rebuilt, and the failures that end a run with exit code 2.
+"""--backend onnxruntime and --backend openvino: the same answers as PyTorch float32, the export
+cached and reused (one export for both runtimes, one export when runs start together), a corrupt,
+stale or unused cache rebuilt or pruned, --backend auto's choice, and the failures that end a run
+with exit code 2.
 
 One tiny BERT is exported once for the whole module (into a cache folder of its own) and every
-test reuses it; only the rebuild test exports again, on purpose.
+test reuses it; only the rebuild and concurrency tests export again, on purpose.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import subprocess
+import sys
 import os
 import shutil
 import time
@@ -46,16 +51,26 @@ def ort_config(**kw) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def models(onnx_cache, bert_dir):
-    """The tiny BERT twice: PyTorch float32, and its ONNX Runtime session (the module's one export)."""
+    """The tiny BERT three times: PyTorch float32, its ONNX Runtime session (the module's one export),
+    and OpenVINO's compiled model of the same export (when openvino is installed)."""
     ort = onnx_backend.prepared(load_model(bert_dir, "cpu"), ort_config())
     assert isinstance(ort.model, onnx_backend.OrtQAModel)
-    return Models(torch=load_model(bert_dir, "cpu"), ort=ort)
+    found = Models(torch=load_model(bert_dir, "cpu"), ort=ort)
+    if importlib.util.find_spec("openvino") is not None:
+        found["ov"] = onnx_backend.prepared(load_model(bert_dir, "cpu"), RunConfig(inputs=(), backend="openvino"))
+        assert isinstance(found["ov"].model, onnx_backend.OvQAModel) and found["ov"].model.path == ort.model.path
+    return found
+
+
+def need_openvino(models) -> None:
+    if "ov" not in models:
+        pytest.skip("the openvino extra: pip install -e '.[openvino]'")
 
 
 def entries(cache: str) -> dict[str, dict]:
     root = os.path.join(cache, "onnx")
     out = {}
-    for name in sorted(os.listdir(root)):
+    for name in sorted(n for n in os.listdir(root) if not n.startswith(".")):  # .locks: one lock file per entry
         with open(os.path.join(root, name, "meta.json")) as f:
             out[name] = json.load(f)
     return out
@@ -150,7 +165,7 @@ def test_a_corrupt_or_stale_cache_is_rebuilt(tmp_path, models, bert_dir, onnx_ca
     assert set(after) == set(before)  # the same keys, whole again
     for name in after:
         assert onnx_backend.entry_problem(os.path.join(cache, "onnx", name), after[name]["material"]) is None
-    assert not [n for n in os.listdir(os.path.join(cache, "onnx")) if n.startswith(".")]  # no leftovers
+    assert not [n for n in os.listdir(os.path.join(cache, "onnx")) if n.startswith(".") and n != ".locks"]
     batch = {"input_ids": torch.randint(5, 300, (3, 20)), "attention_mask": torch.ones(3, 20, dtype=torch.long),
              "token_type_ids": torch.zeros(3, 20, dtype=torch.long)}
     batch["attention_mask"][1:, 12:] = 0
@@ -160,7 +175,10 @@ def test_a_corrupt_or_stale_cache_is_rebuilt(tmp_path, models, bert_dir, onnx_ca
 
 
 @pytest.mark.parametrize("kw,expected", [
-    (dict(backend="tensorrt"), "--backend 'tensorrt': choose torch or onnxruntime"),
+    (dict(backend="tensorrt"), "--backend 'tensorrt': choose torch, onnxruntime, openvino or auto"),
+    (dict(backend="openvino", device="cuda"), "--backend openvino runs on the CPU: use --device cpu"),
+    (dict(backend="openvino", dtype="float16"), "--backend openvino runs float32 or bfloat16, not --dtype float16"),
+    (dict(backend="openvino", quantize="int8"), "--quantize int8 runs ONNX Runtime's int8: use --backend onnxruntime"),
     (dict(backend="onnxruntime", device="cuda"), "--backend onnxruntime runs on the CPU: use --device cpu"),
     (dict(backend="onnxruntime", devices=("cpu", "cuda:1")), "not cuda:1"),
     (dict(backend="onnxruntime", dtype="bfloat16"), "runs float32 (or --quantize int8), not --dtype bfloat16"),
@@ -187,7 +205,8 @@ def test_without_onnxruntime_the_run_exits_2_naming_the_extra(tmp_path, bert_dir
                 env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        "qa-batch: error: --backend onnxruntime needs the onnxruntime package, which is not installed: "
+        "qa-batch: error: --backend onnxruntime (and openvino, and --quantize int8) needs the onnxruntime "
+        "package, which is not installed: "
         "pip install onnxruntime onnx onnxscript (in a qa-batch checkout: pip install -e '.[onnxruntime]')")
     assert not (tmp_path / "out.parquet").exists()
 
@@ -228,7 +247,7 @@ def test_a_model_that_cannot_be_exported_is_a_usage_error_saying_why(tmp_path, o
                                "torch.onnx.export failed (GuardOnDataDependentSymNode: Could not guard on "
                                "data-dependent expression"), message
     assert message.endswith("Run it with --backend torch")
-    assert not [n for n in os.listdir(os.path.join(onnx_cache, "onnx")) if n.startswith(".")]  # nothing left
+    assert not [n for n in os.listdir(os.path.join(onnx_cache, "onnx")) if n.startswith(".") and n != ".locks"]  # nothing left
 
 
 def test_an_entry_that_passes_its_checksum_but_does_not_load_is_replaced(tmp_path, models, bert_dir, onnx_cache,
@@ -290,3 +309,135 @@ def test_an_export_whose_logits_differ_from_pytorch_is_refused_and_not_cached(tm
     assert e.value.exit_code == 2
     entries = os.listdir(os.path.join(cache, "onnx")) if os.path.isdir(os.path.join(cache, "onnx")) else []
     assert not [n for n in entries if not n.startswith(".")], entries  # no entry a later run would trust
+
+
+# ---------------------------------------------------------------------------- OpenVINO and --backend auto
+
+@settings(deadline=None, max_examples=25)
+@given(data=rows_of, o=options())
+def test_openvino_answers_as_pytorch_on_generated_inputs(models, data, o):
+    """Generated inputs and options (1 or 2 CPU workers, each with its own infer request on the one
+    compiled model): OpenVINO float32 gives PyTorch float32's rows, within float32 rounding."""
+    need_openvino(models)
+    passages, questions = data
+    want = answer(models["torch"], passages, questions, o)
+    got = answer(models["ov"], passages, questions, o)
+    assert len(got) == len(want)
+    for x, y in zip(want, got):
+        spans_agree(x, y)
+
+
+def test_backend_auto_runs_openvino_on_the_cpu_and_says_so(tmp_path, models, bert_dir, onnx_cache):
+    """--backend auto on a CPU with openvino installed: OpenVINO float32 over the module's export (no
+    second export), PyTorch's answers, the choice in the summary line and the metadata."""
+    need_openvino(models)
+    run(RunConfig(inputs=(SAMPLE,), output=str(tmp_path / "torch.parquet"), model=bert_dir, limit=8, quiet=True),
+        loaded=models["torch"])
+    before = entries(onnx_cache)
+    r = run_cli("run", SAMPLE, "--model", bert_dir, "--limit", "8", "-o", tmp_path / "auto.parquet",
+                "--backend", "auto", env={"QA_BATCH_CACHE": onnx_cache})
+    assert r.returncode == 0, r.stderr
+    assert "exporting" not in r.stderr and entries(onnx_cache) == before, r.stderr
+    assert " on cpu with openvino float32: " in r.stderr.strip().splitlines()[-1], r.stderr
+    meta = json.loads(pq.read_metadata(tmp_path / "auto.parquet").metadata[b"qa_batch"])
+    assert meta["backend"] == meta["options"]["backend"] == "openvino" and meta["dtype"] == "float32"
+    assert meta["versions"]["openvino"] and meta["versions"]["onnxruntime"]
+    for x, y in zip(*(pq.read_table(tmp_path / f).to_pylist() for f in ("torch.parquet", "auto.parquet"))):
+        spans_agree(x, y)
+
+
+def test_openvino_bfloat16_runs_and_is_named(tmp_path, models, bert_dir, onnx_cache):
+    need_openvino(models)
+    r = run_cli("run", SAMPLE, "--model", bert_dir, "--limit", "4", "-o", tmp_path / "bf16.parquet",
+                "--backend", "openvino", "--dtype", "bfloat16", env={"QA_BATCH_CACHE": onnx_cache})
+    assert r.returncode == 0, r.stderr
+    assert " on cpu with openvino bfloat16: " in r.stderr.strip().splitlines()[-1], r.stderr
+    rows = pq.read_table(tmp_path / "bf16.parquet").to_pylist()
+    assert len(rows) == 4 and all(row["error"] is None for row in rows)
+    meta = json.loads(pq.read_metadata(tmp_path / "bf16.parquet").metadata[b"qa_batch"])
+    assert meta["dtype"] == "bfloat16" and meta["backend"] == "openvino"
+
+
+@pytest.mark.parametrize("kw,cuda,openvino,expected", [
+    (dict(backend="auto"), False, True, "openvino"),
+    (dict(backend="auto", dtype="bfloat16"), False, True, "openvino"),
+    (dict(backend="auto"), False, False, "torch"),  # openvino not installed
+    (dict(backend="auto"), True, True, "torch"),  # --device auto finds CUDA
+    (dict(backend="auto", device="cpu", devices=("cpu", "cpu")), True, True, "openvino"),
+    (dict(backend="auto", engine="ray"), False, True, "torch"),  # Ray's actors may hold GPUs
+    (dict(backend="auto", engine="ray", num_gpus=0), False, True, "openvino"),
+    (dict(backend="auto", quantize="int8"), False, True, "onnxruntime"),
+    (dict(quantize="int8"), False, True, "onnxruntime"),  # PyTorch's int8 was replaced by ONNX Runtime's
+    (dict(backend="torch"), False, True, "torch"),
+    (dict(backend="onnxruntime"), False, True, "onnxruntime"),
+])
+def test_backend_auto_decides_by_device_and_what_is_installed(kw, cuda, openvino, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" and not openvino
+                        else real(name, *a))
+    assert onnx_backend.resolved(RunConfig(inputs=(), **kw)).backend == expected
+
+
+def test_openvino_whose_logits_differ_from_pytorch_is_refused(tmp_path, models, bert_dir, onnx_cache, monkeypatch):
+    """The compiled model is checked against PyTorch as the export is: a plugin computing other
+    logits is refused (exit 2, by how much)."""
+    need_openvino(models)
+    real = onnx_backend.OvQAModel.__call__
+
+    def shifted(self, **inputs):
+        out = real(self, **inputs)
+        return onnx_backend.QAOutput(out.start_logits + 0.5, out.end_logits)
+
+    monkeypatch.setattr(onnx_backend.OvQAModel, "__call__", shifted)
+    with pytest.raises(UsageError, match=r"--backend openvino: OpenVINO's logits differ from PyTorch's by "
+                                         r"[0-9.e-]+ \(relative; at most .* allowed\)\. Run it with --backend torch"):
+        onnx_backend.prepared(load_model(bert_dir, "cpu"), RunConfig(inputs=(), backend="openvino"))
+
+
+RACER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from pipeline.config import RunConfig
+from pipeline.models import onnx_backend
+from pipeline.models.checkpoint import load_model
+loaded = load_model(sys.argv[1], "cpu")
+while not os.path.exists(sys.argv[2]):  # all start exporting together
+    time.sleep(0.01)
+onnx_backend.prepared(loaded, RunConfig(inputs=(), backend="onnxruntime"))
+print(loaded.model.path)
+"""
+
+
+def test_runs_started_together_on_an_empty_cache_export_once(tmp_path, bert_dir):
+    """Issue 21: three processes open the same entry of an empty cache at the same moment: one
+    exports, the others wait for it and use its entry; nothing is left half-written."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "QA_BATCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, bert_dir, str(go), root], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    go.write_text("")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    assert sum(e.count("exporting") for _, e in outs) == 1, [e for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1  # one entry, used by all
+    names = os.listdir(cache / "onnx")
+    assert [n for n in names if not n.startswith(".")] == [os.path.basename(os.path.dirname(outs[0][0].strip()))]
+    assert not [n for n in names if n.startswith((".tmp-", ".trash-"))]
+
+
+def test_entries_no_run_opened_for_30_days_are_pruned(tmp_path, monkeypatch):
+    root = tmp_path / "onnx"
+    for name in ("old", "fresh", "broken"):
+        (root / name).mkdir(parents=True)
+    (root / "old" / "meta.json").write_text("{}")
+    (root / "fresh" / "meta.json").write_text("{}")
+    month = time.time() - 31 * 86400
+    os.utime(root / "old" / "meta.json", (month, month))
+    (root / ".locks").mkdir()
+    monkeypatch.setenv("QA_BATCH_CACHE_DAYS", "0")  # 0: never prune
+    assert onnx_backend.prune_unused(str(root)) == []
+    monkeypatch.delenv("QA_BATCH_CACHE_DAYS")
+    assert onnx_backend.prune_unused(str(root)) == [str(root / "old")]
+    assert sorted(os.listdir(root)) == [".locks", "broken", "fresh"]  # a folder without meta.json is its run's

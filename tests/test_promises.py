@@ -24,7 +24,8 @@ def float32(bert_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("option", [["--quantize", "int8"], ["--dtype", "bfloat16"]])
 def test_the_faster_cpu_paths_run_and_say_what_they_ran(bert_dir, tmp_path, float32, option):
-    """README: --quantize int8 and --dtype bfloat16 on the CPU (only their refusals were tested)."""
+    """README: --quantize int8 (ONNX Runtime's int8, whatever --backend says) and --dtype bfloat16 on the CPU
+    (only their refusals were tested)."""
     out, report = tmp_path / "o.parquet", tmp_path / "r.json"
     r = run_cli("run", SAMPLE, "-o", out, "--model", bert_dir, *FAST, "--device", "cpu", *option, "--report", report)
     assert r.returncode == 0, r.stderr
@@ -33,6 +34,7 @@ def test_the_faster_cpu_paths_run_and_say_what_they_ran(bert_dir, tmp_path, floa
     meta = json.loads(pq.read_metadata(out).metadata[b"qa_batch"])
     assert meta["options"][option[0].lstrip("-").replace("-", "_")] == option[1]
     assert json.loads(report.read_text())["dtype"] == ("bfloat16" if option[1] == "bfloat16" else "float32")
+    assert meta["backend"] == ("onnxruntime" if option[1] == "int8" else "torch")
     passages = pq.read_table(SAMPLE)["passage"].to_pylist()
     for p, row in zip(passages, got.to_pylist()):  # every answer an exact slice of its passage
         if row["answer"] is not None:

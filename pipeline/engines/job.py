@@ -157,8 +157,10 @@ def versions(c: RunConfig) -> dict:
 
     found = {"qa_batch": f"{__version__}+{code_digest()}", "torch": of("torch"),
              "transformers": of("transformers"), "tokenizers": of("tokenizers")}
-    if c.backend == "onnxruntime":
-        found["onnxruntime"] = of("onnxruntime")
+    if c.backend in onnx_backend.EXPORTED:
+        found["onnxruntime"] = of("onnxruntime")  # it makes the export for both
+    if c.backend == "openvino":
+        found["openvino"] = of("openvino")
     return found
 
 
@@ -229,6 +231,7 @@ class Job:
         (`default_output_for` the inputs when -o is not given), schema. No model work."""
         started = time.perf_counter()
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        config = onnx_backend.resolved(config)  # --backend auto: the backend decided before anything is named
         check_options(config)
         calibration = calibrate.plan_calibration(config)
         questions = plan_questions(config)
@@ -286,7 +289,7 @@ class Job:
     def metadata(self, model: dict, device: str, dtype: str) -> dict:
         return {"qa_batch_version": __version__, "versions": versions(self.config), "model": model,
                 "options": self.config.as_dict(),
-                "device": device, "dtype": dtype, "started_at": self.started_at,
+                "device": device, "dtype": dtype, "backend": self.config.backend, "started_at": self.started_at,
                 **calibrate.calibration_metadata(self.config, self.calibration), **questions_metadata(self.plan)}
 
     def open_parts(self, model: dict, device_type: str, dtype: str, batch_size: int,

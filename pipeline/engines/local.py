@@ -43,6 +43,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
     device (workers.py).
     """
     job = Job.plan_for(config)
+    config = job.config  # --backend auto decided
     job.check_output()
     devices = config.devices or devices_for(onnx_backend.device_spec(config, config.device))
     if loaded is None and len(devices) > 1:
@@ -81,7 +82,7 @@ def run(config: RunConfig, loaded: LoadedModel | None = None,
         bar.close()
         predictor.close()
 
-    summary = RunSummary(output=job.output, device=metadata["device"], dtype=metadata["dtype"],
+    summary = RunSummary(output=job.output, backend=job.config.backend, device=metadata["device"], dtype=metadata["dtype"],
                          started_at=job.started_at, model_rss_mb=model_rss_mb, resumed_from_row=done_before.answers,
                          questions_per_row=job.plan.questions_per_row)
     summary.padding_efficiency = padding_efficiency(progress)

@@ -51,6 +51,7 @@ from .. import __version__, faults, storage
 from ..config import RunConfig
 from ..counts import Count
 from ..errors import Interrupted, QaBatchError, RuntimeFailure, UsageError
+from ..models import onnx_backend
 from ..models.checkpoint import load_model, model_identity
 from ..quality import calibrate
 from ..stages.read import InputPlan, open_parquet
@@ -309,6 +310,7 @@ def _import_ray():
 
 def plan(config: RunConfig) -> RayJob:
     """Everything checked before Ray starts: options, inputs, output (the local engine's Job)."""
+    config = onnx_backend.resolved(config)  # --backend auto decided on the driver: actors run what it names
     num_gpus = _check_ray_options(config)
     if os.path.isdir(config.model):  # actors start in other folders, on other nodes
         config = dataclasses.replace(config, model=os.path.abspath(config.model))
@@ -388,7 +390,7 @@ def check(rj: RayJob, actors: ActorPlan, metadata: dict, this_run: dict, before:
     if shape.grouped:
         counts.update(_reduce(rj, shape, metadata))
     elapsed = time.perf_counter() - job.started
-    summary = RunSummary(output=job.output, device="ray:" + ("cuda" if actors.gpu else "cpu"),
+    summary = RunSummary(output=job.output, backend=job.config.backend, device="ray:" + ("cuda" if actors.gpu else "cpu"),
                          dtype=_dtype_name(config, actors.gpu), started_at=job.started_at,
                          resumed_from_row=before.answers, elapsed_s=round(elapsed, 3),
                          questions_per_row=job.plan.questions_per_row,
@@ -503,9 +505,9 @@ def _check_ray_options(config: RunConfig) -> int | None:
         raise UsageError(f"--num-gpus {config.num_gpus}: must be auto or at least 0")
     if config.num_cpus_per_worker is not None and config.num_cpus_per_worker <= 0:
         raise UsageError(f"--num-cpus-per-worker {config.num_cpus_per_worker}: must be above 0")
-    if config.device == "cpu" or config.backend == "onnxruntime":  # ONNX Runtime runs on the CPU
+    if config.device == "cpu" or config.backend in onnx_backend.EXPORTED:  # exported models run on the CPU
         if config.num_gpus:
-            what = "--device cpu" if config.device == "cpu" else "--backend onnxruntime (CPU only)"
+            what = "--device cpu" if config.device == "cpu" else f"--backend {config.backend} (CPU only)"
             raise UsageError(f"{what} with --num-gpus {config.num_gpus}: choose one")
         return 0
     if config.device not in ("auto", "cuda"):

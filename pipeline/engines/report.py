@@ -42,6 +42,7 @@ class RunSummary:
     model_rss_mb: float = 0.0  # resident memory once the model was loaded, before any row
     device: str = ""
     dtype: str = ""
+    backend: str = ""  # what ran the model: torch, onnxruntime or openvino (--backend auto decided)
     started_at: str = ""
     finished_at: str = ""
     stage_seconds: dict = field(default_factory=dict)
@@ -77,6 +78,8 @@ class RunSummary:
         this_run = counts(self.rows_this_run, self.answered_this_run, self.null_this_run, self.errors_this_run,
                           self.chunks_this_run)
         on = f" on {self.device}" if self.device else ""
+        if self.backend and self.backend != "torch":  # --backend auto shows what it chose
+            on += f" with {self.backend}" + (f" {self.dtype}" if self.dtype else "")
         text = (f"qa-batch: {this_run} in {self.elapsed_s:.1f} s{on}: "
                 f"{rate(self.rows_per_s)} {unit}s/s, {rate(self.chunks_per_s)} chunks/s")
         if self.resumed_from_row:

@@ -136,7 +136,7 @@ def run_on_devices(job: Job, devices: tuple[str, ...], stop_requested=None) -> R
     if workers.interrupted:
         raise Interrupted(done_before + job.plan.count_answers(progress.rows), job.parts.path)
     metadata = job.metadata(first["model"], ",".join(devices), first["dtype"])
-    summary = RunSummary(output=job.output, device=metadata["device"], dtype=first["dtype"],
+    summary = RunSummary(output=job.output, backend=job.config.backend, device=metadata["device"], dtype=first["dtype"],
                          started_at=job.started_at, resumed_from_row=done_before.answers,
                          model_rss_mb=max(r["model_rss_mb"] for r in ready.values()),
                          questions_per_row=job.plan.questions_per_row)

@@ -179,28 +179,6 @@ def max_positions(model: torch.nn.Module, tokenizer) -> int:
     return int(limit)
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 linear layers for the CPU: weights int8, activations quantized per batch.
-
-    Uses torch.ao.quantization.quantize_dynamic, deprecated in favour of torchao but built
-    into torch and fast on x86 without compilation; the QA head stays in float32. Weights get
-    one scale per output channel: with one scale per matrix (the default qconfig) a trained
-    MiniLM's logits moved by 0.40 on average and only 35% of its best start/end tokens stayed
-    those of float32; per channel, 0.25 and 65% (BENCHMARKS.md, "Answer quality"). What is
-    left comes from the activations, quantized with one scale per batch: keeping whole
-    feed-forward blocks in float32 only reached 75-81% and gave back most of the speed.
-    """
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError:
-        raise UsageError("--quantize int8 needs torch.ao.quantization, which this torch lacks") from None
-    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not name.endswith("qa_outputs")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, spec, dtype=torch.qint8)
-
-
 def warm_up(model: torch.nn.Module, device: torch.device, input_names: tuple[str, ...], tokenizer) -> None:
     """One small forward before any data: CUDA libraries initialise here, and a model that
     cannot run on the device fails now (exit code 3) rather than after reading the input."""
@@ -339,8 +317,8 @@ def load_model(model_id: str, device_spec: str = "auto", dtype_spec: str = "auto
     except RuntimeError as e:
         raise RuntimeFailure(f"could not move the model to {device}: {e}") from None
     model.eval()
-    if quantize == "int8":
-        model = quantize_int8(model)
+    # --quantize int8 is ONNX Runtime's int8, made from these float32 weights (onnx_backend.prepared):
+    # PyTorch's dynamic int8 was removed, as it lost 1.14 F1 on the trained model where ONNX Runtime's kept it
 
     # Feed only what forward() takes; token types only where they mean something (BERT yes,
     # RoBERTa with a single type and DistilBERT, which has no such input, no).

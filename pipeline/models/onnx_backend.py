@@ -1,10 +1,19 @@
-"""--backend onnxruntime: the checkpoint exported once to ONNX and run by ONNX Runtime on the CPU.
+"""--backend onnxruntime and --backend openvino: the checkpoint exported once to ONNX and run on
+the CPU by ONNX Runtime or by OpenVINO; --backend auto picks one of them or PyTorch.
 
-Only the forward changes. `OrtQAModel` is called as the PyTorch model is (`model(**inputs)`
-with the batch's int64 tensors; `.start_logits` and `.end_logits` on what it returns), so the
-stages, batches and exact span search are those of the PyTorch path. CPU worker threads are as
-today: each batch runs in its worker's thread with one intra-op thread, and all workers share
-one session (ONNX Runtime sessions may be run from several threads at once).
+Only the forward changes. `OrtQAModel` and `OvQAModel` are called as the PyTorch model is
+(`model(**inputs)` with the batch's int64 tensors; `.start_logits` and `.end_logits` on what it
+returns), so the stages, batches and exact span search are those of the PyTorch path. CPU worker
+threads are as today: each batch runs in its worker's thread, and all workers share one session
+(ONNX Runtime: one intra-op thread per call) or one compiled model (OpenVINO: one stream of one
+thread per worker, an infer request per worker thread).
+
+Both runtimes read the same cached float32 export (OpenVINO reads ONNX Runtime's optimised graph,
+contrib ops included; its CPU plugin fuses the attention itself, which ONNX Runtime's fusions do
+not match in transformers 5's graph). OpenVINO runs it in float32 (INFERENCE_PRECISION_HINT f32:
+the same answers as PyTorch float32) or, with --dtype bfloat16, in bfloat16 (AMX on the CPUs
+that have it). `--quantize int8` is ONNX Runtime's dynamic int8 whatever the backend: PyTorch's
+dynamic int8 lost 1.14 F1 on the trained model, ONNX Runtime's kept it (BENCHMARKS.md).
 
 The export, made once per checkpoint and settings and reused by later runs:
 
@@ -34,6 +43,7 @@ cache (worker processes, concurrent jobs) never read a half-written one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -42,6 +52,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -54,7 +65,10 @@ from ..errors import UsageError
 FORMAT = 1  # bump when the export steps change: entries made by older steps are rebuilt
 OPSET = 18
 EXTRA = "pip install onnxruntime onnx onnxscript (in a qa-batch checkout: pip install -e '.[onnxruntime]')"
-BACKENDS = ("torch", "onnxruntime")
+OV_EXTRA = ("pip install openvino onnxruntime onnx onnxscript (in a qa-batch checkout: "
+            "pip install -e '.[openvino]')")
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
+EXPORTED = ("onnxruntime", "openvino")  # the backends that run the cached ONNX export
 MODEL_FILE, META_FILE = "model.onnx", "meta.json"
 OUTPUTS = ("start_logits", "end_logits")
 TOLERANCE = 1e-3  # exported logits against PyTorch's, relative to their largest magnitude
@@ -68,35 +82,78 @@ class ExportError(Exception):
 
 # ---------------------------------------------------------------------------- options
 
+def resolved(config):
+    """`config` with its backend decided: `auto` becomes the fastest backend measured to keep
+    PyTorch float32's answers on this device (BENCHMARKS.md, CPU paths): OpenVINO on the CPU when it
+    is installed, else PyTorch; PyTorch on CUDA. `--quantize int8` runs ONNX Runtime's int8 (the one
+    int8 path qa-batch offers). The decided name is what manifests, metadata and the summary show."""
+    import dataclasses
+
+    backend = config.backend
+    if backend == "auto":
+        backend = _fastest(config)
+    if config.quantize == "int8" and backend in ("torch", "auto"):
+        backend = "onnxruntime"
+    return config if backend == config.backend else dataclasses.replace(config, backend=backend)
+
+
+def _fastest(config) -> str:
+    on_cpu = all(d == "cpu" or (d == "auto" and not torch.cuda.is_available())
+                 for d in (config.devices or (config.device,)))
+    if config.engine == "ray":
+        on_cpu = config.device == "cpu" or config.num_gpus == 0
+    if not on_cpu or config.dtype not in ("auto", "float32", "bfloat16"):
+        return "torch"
+    if config.quantize == "int8":
+        return "onnxruntime"
+    import importlib.util
+    installed = all(importlib.util.find_spec(m) is not None for m in ("openvino", "onnxruntime", "onnxscript"))
+    return "openvino" if installed else "torch"
+
+
 def check_options(config) -> None:
     """Before anything is loaded: the backend exists, fits the other options and is installed."""
     backend = getattr(config, "backend", "torch")
     if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r}: choose torch or onnxruntime")
-    if backend != "onnxruntime":
+        raise UsageError(f"--backend {backend!r}: choose torch, onnxruntime, openvino or auto")
+    if config.quantize == "int8" and backend == "openvino":
+        raise UsageError("--quantize int8 runs ONNX Runtime's int8: use --backend onnxruntime (or auto) with it")
+    if backend not in EXPORTED:
         return
     devices = (config.device, *config.devices)
     if any(d not in ("auto", "cpu") for d in devices):
-        raise UsageError(f"--backend onnxruntime runs on the CPU: use --device cpu (or auto), not "
+        raise UsageError(f"--backend {backend} runs on the CPU: use --device cpu (or auto), not "
                          f"{','.join(d for d in devices if d not in ('auto', 'cpu'))}")
-    if config.dtype not in ("auto", "float32"):
-        raise UsageError(f"--backend onnxruntime runs float32 (or --quantize int8), not --dtype {config.dtype}")
+    dtypes = ("auto", "float32", "bfloat16") if backend == "openvino" else ("auto", "float32")
+    if config.dtype not in dtypes:
+        raise UsageError(f"--backend {backend} runs " + ("float32 or bfloat16" if backend == "openvino"
+                         else "float32 (or --quantize int8)") + f", not --dtype {config.dtype}")
     if config.engine == "ray" and config.num_gpus:
-        raise UsageError("--backend onnxruntime runs on the CPU: use --num-gpus 0 with --engine ray")
+        raise UsageError(f"--backend {backend} runs on the CPU: use --num-gpus 0 with --engine ray")
     _import_onnxruntime()
+    if backend == "openvino":
+        _import_openvino()
 
 
 def device_spec(config, spec: str) -> str:
-    """--device auto means the CPU with --backend onnxruntime (its only device)."""
-    return "cpu" if getattr(config, "backend", "torch") == "onnxruntime" and spec == "auto" else spec
+    """--device auto means the CPU with an exported backend (the CPU is its only device)."""
+    return "cpu" if getattr(config, "backend", "torch") in EXPORTED and spec == "auto" else spec
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise UsageError(f"--backend openvino needs the openvino package, which is not installed: {OV_EXTRA}") from None
+    return openvino
 
 
 def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise UsageError(f"--backend onnxruntime needs the onnxruntime package, which is not installed: "
-                         f"{EXTRA}") from None
+        raise UsageError(f"--backend onnxruntime (and openvino, and --quantize int8) needs the onnxruntime "
+                         f"package, which is not installed: {EXTRA}") from None
     return onnxruntime
 
 
@@ -138,17 +195,61 @@ class OrtQAModel:
         return f"OrtQAModel({self.path}, quantize={self.quantize})"
 
 
+class OvQAModel:
+    """An OpenVINO compiled model called like a transformers QA model. Each worker thread has its
+    own infer request (a request runs one call at a time; the compiled model serves them all)."""
+
+    def __init__(self, compiled, input_names: tuple[str, ...], path: str, precision: str):
+        self.compiled = compiled
+        self.input_names = input_names
+        self.path = path
+        self.precision = precision  # "f32" or "bf16"
+        self.outputs = [compiled.output(name) for name in OUTPUTS]
+        self._local = threading.local()
+
+    def __call__(self, **inputs: torch.Tensor) -> QAOutput:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        ids = inputs["input_ids"]
+        feed = {}
+        for n in self.input_names:
+            t = inputs.get(n)
+            if t is None:
+                t = torch.ones_like(ids) if n == "attention_mask" else torch.zeros_like(ids)
+            feed[n] = t.detach().cpu().contiguous().numpy()
+        try:
+            result = request.infer(feed)
+        except Exception as e:  # OpenVINO's own exception types: a model failure (exit code 3)
+            raise RuntimeError(f"openvino: {e}") from None
+        # the request reuses its output buffers on the next call: copy them out
+        start, end = (torch.from_numpy(result[port].copy()) for port in self.outputs)
+        return QAOutput(start, end)
+
+    def eval(self) -> "OvQAModel":
+        return self
+
+    def __repr__(self) -> str:
+        return f"OvQAModel({self.path}, precision={self.precision})"
+
+
 def prepared(loaded, config):
-    """With --backend onnxruntime: `loaded` with its model replaced, in place, by an ONNX Runtime
-    session of the cached export (made first when missing, stale or corrupt); the PyTorch model
-    is dropped. Otherwise, or when already done, `loaded` as it is."""
-    if getattr(config, "backend", "torch") != "onnxruntime" or isinstance(loaded.model, OrtQAModel):
+    """With --backend onnxruntime or openvino: `loaded` with its model replaced, in place, by a
+    session of the cached export (made first when missing, stale or corrupt); the PyTorch model is
+    dropped. Otherwise, or when already done, `loaded` as it is."""
+    backend = getattr(config, "backend", "torch")
+    if backend not in EXPORTED or isinstance(loaded.model, (OrtQAModel, OvQAModel)):
         return loaded
     if loaded.device.type != "cpu":
-        raise UsageError(f"--backend onnxruntime runs on the CPU, not {loaded.device}: use --device cpu"
+        raise UsageError(f"--backend {backend} runs on the CPU, not {loaded.device}: use --device cpu"
                          + (" (--num-gpus 0 with --engine ray)" if config.engine == "ray" else ""))
-    loaded.model = load_session(loaded, config.quantize)
-    loaded.dtype = torch.float32
+    if backend == "onnxruntime":
+        loaded.model = load_session(loaded, config.quantize)
+        loaded.dtype = torch.float32
+    else:
+        bf16 = config.dtype == "bfloat16"
+        loaded.model = load_openvino(loaded, bf16, config.cpu_workers or torch.get_num_threads())
+        loaded.dtype = torch.bfloat16 if bf16 else torch.float32
     loaded.mask_4d = loaded.mask_always = False  # the session takes the 2D mask it was exported with
     return loaded
 
@@ -236,34 +337,142 @@ def entry_problem(folder: str, m: dict) -> str | None:
 
 
 def load_session(loaded, quantize: str) -> OrtQAModel:
-    """The session of the cached export for this checkpoint and settings, exported first if needed."""
+    """The ONNX Runtime session of the cached export for this checkpoint and settings."""
     ort = _import_onnxruntime()
+    return _open_entry(loaded, quantize, "onnxruntime", lambda path: OrtQAModel(
+        new_session(ort, path), tuple(loaded.input_names), path, quantize))
+
+
+def load_openvino(loaded, bf16: bool, workers: int) -> OvQAModel:
+    """The cached float32 export compiled by OpenVINO for `workers` threads calling it at once.
+    In float32 it is checked against the PyTorch model still loaded (as an export is checked
+    against ONNX Runtime): the CPU plugin's fused kernels must compute the same logits."""
+    ov = _import_openvino()
+    precision = "bf16" if bf16 else "f32"
+    reference = loaded.model
+
+    def open_(path: str) -> OvQAModel:
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": precision,
+            "NUM_STREAMS": max(1, workers), "INFERENCE_NUM_THREADS": max(1, workers),  # a stream of one thread each
+            "ENABLE_CPU_PINNING": False})  # workers share the machine with the tokenizer and the writer
+        return OvQAModel(compiled, tuple(loaded.input_names), path, precision)
+
+    model = _open_entry(loaded, "none", "openvino", open_)
+    if not bf16:
+        worst = _worst_difference(reference, model, loaded)
+        if not worst <= TOLERANCE:
+            raise UsageError(f"--backend openvino: OpenVINO's logits differ from PyTorch's by {worst:.2g} "
+                             f"(relative; at most {TOLERANCE} allowed). Run it with --backend torch")
+    return model
+
+
+def _worst_difference(reference, model, loaded) -> float:
+    """The largest difference of `model`'s logits from `reference`'s on a padded probe batch,
+    relative to their scale."""
+    names = tuple(loaded.input_names)
+    vocab = int(getattr(getattr(reference, "config", None), "vocab_size", 0) or len(loaded.tokenizer))
+    probe = _probe(names, vocab, 3, max(2, min(40, loaded.max_positions)), seed=7)
+    with torch.no_grad():
+        want = _Logits(reference)(**probe)
+    got = model(**probe)
+    valid = probe["attention_mask"].bool()
+    worst = 0.0
+    for w, g in zip(want, (got.start_logits, got.end_logits)):
+        w = w.float()
+        scale = max(1.0, float(w[valid].abs().max()))
+        worst = max(worst, float((w - g)[valid].abs().max()) / scale)
+    return worst
+
+
+def _open_entry(loaded, quantize: str, backend: str, open_):
+    """`open_(model file)` of the cache entry for this checkpoint and settings, exported first if
+    needed. One process exports an entry while the others wait for it (a lock per entry), so runs
+    started together on an empty cache export once."""
     m = material(loaded, quantize)
     root = cache_root()
     prune_leftovers(root)
-    folder = os.path.join(root, cache_key(m))
-    problem = entry_problem(folder, m)
-    for attempt in (1, 2):
-        if problem is not None:
-            if problem != "missing":
-                log.warning("the ONNX cache entry %s is %s: rebuilding it", folder, problem)
-            else:
-                log.warning("exporting %s to ONNX for onnxruntime (once; kept in %s)", loaded.model_id, folder)
+    prune_unused(root)
+    key = cache_key(m)
+    folder = os.path.join(root, key)
+    with _entry_lock(root, key):
+        problem = entry_problem(folder, m)
+        for attempt in (1, 2):
+            if problem is not None:
+                if problem != "missing":
+                    log.warning("the ONNX cache entry %s is %s: rebuilding it", folder, problem)
+                else:
+                    log.warning("exporting %s to ONNX for %s (once; kept in %s)", loaded.model_id, backend, folder)
+                try:
+                    build_entry(loaded, quantize, m, folder, replace_bad=problem != "missing")
+                except UsageError:
+                    raise
+                except Exception as e:  # ExportError, or whatever else the model's code raised on the way
+                    why = str(e) if isinstance(e, ExportError) else _why(e)
+                    raise UsageError(f"--backend {backend}: {loaded.model_id} cannot be exported to ONNX: {why}. "
+                                     "Run it with --backend torch") from None
             try:
-                build_entry(loaded, quantize, m, folder, replace_bad=problem != "missing")
-            except UsageError:
-                raise
-            except Exception as e:  # ExportError, or whatever else the model's code raised on the way
-                why = str(e) if isinstance(e, ExportError) else _why(e)
-                raise UsageError(f"--backend onnxruntime: {loaded.model_id} cannot be exported to ONNX: {why}. "
-                                 "Run it with --backend torch") from None
+                opened = open_(os.path.join(folder, MODEL_FILE))
+            except Exception as e:  # a model file that matches its checksum yet does not load
+                if attempt == 2:
+                    raise UsageError(f"--backend {backend}: the exported model {folder} does not load: {e}") from None
+                problem = f"corrupt: it does not load ({str(e).splitlines()[0][:200]})"
+                continue
+            with contextlib.suppress(OSError):  # used now: prune_unused keeps it
+                os.utime(os.path.join(folder, META_FILE))
+            return opened
+
+
+@contextlib.contextmanager
+def _entry_lock(root: str, key: str):
+    """An exclusive lock on one cache entry (a file under `.locks/`), held while it is checked,
+    built and opened. A cache this process cannot write to is used without one (read-only)."""
+    try:
+        os.makedirs(os.path.join(root, ".locks"), exist_ok=True)
+        fd = os.open(os.path.join(root, ".locks", key), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+UNUSED_DAYS = 30  # QA_BATCH_CACHE_DAYS: entries no run has opened for this long are deleted
+
+
+def prune_unused(root: str, now: float | None = None) -> list[str]:
+    """Delete cache entries no run has opened for QA_BATCH_CACHE_DAYS days (default 30): every
+    checkpoint retrained in place leaves its old export behind. Each is renamed aside first, so a
+    run never sees half of one. Returns what was deleted."""
+    try:
+        days = float(os.environ.get("QA_BATCH_CACHE_DAYS", UNUSED_DAYS))
+    except ValueError:
+        days = UNUSED_DAYS
+    if not os.path.isdir(root) or days <= 0:
+        return []
+    now = time.time() if now is None else now
+    gone = []
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
         try:
-            session = new_session(ort, os.path.join(folder, MODEL_FILE))
-            return OrtQAModel(session, tuple(loaded.input_names), os.path.join(folder, MODEL_FILE), quantize)
-        except Exception as e:  # a model file that matches its checksum yet does not load
-            if attempt == 2:
-                raise UsageError(f"--backend onnxruntime: the exported model {folder} does not load: {e}") from None
-            problem = f"corrupt: it does not load ({str(e).splitlines()[0][:200]})"
+            used = os.stat(os.path.join(folder, META_FILE)).st_mtime
+        except OSError:
+            continue  # being written, or broken: its own run deals with it
+        if now - used > days * 86400:
+            trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
+            try:
+                os.rename(folder, trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 LEFTOVER_AGE_S = 3600  # an export takes minutes: a .tmp- folder this old belongs to a run that was killed
@@ -307,7 +516,7 @@ def build_entry(loaded, quantize: str, m: dict, folder: str, replace_bad: bool =
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     except OSError as e:
-        raise UsageError(f"--backend onnxruntime: cannot write the ONNX cache {root} ({e.strerror}): set "
+        raise UsageError(f"cannot write the ONNX cache {root} ({e.strerror}): set "
                          "QA_BATCH_CACHE to a writable directory") from None
     try:
         model_path = os.path.join(tmp, MODEL_FILE)
@@ -331,7 +540,7 @@ def build_entry(loaded, quantize: str, m: dict, folder: str, replace_bad: bool =
         os.chmod(tmp, 0o755)  # mkdtemp's folder is private; a cache may be shared
         _move_into_place(tmp, folder, m, replace_bad)
     except OSError as e:
-        raise UsageError(f"--backend onnxruntime: cannot write the ONNX cache {root} ({e}): set "
+        raise UsageError(f"cannot write the ONNX cache {root} ({e}): set "
                          "QA_BATCH_CACHE to a writable directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
