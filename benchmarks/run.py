@@ -18,7 +18,8 @@ benchmarks/quality.py with the same variants: F1 and same-span share against flo
     python benchmarks/run.py --device cpu --quality \
         --variants "--quantize int8;--backend onnxruntime;--backend onnxruntime --quantize int8"
 
-A `--backend onnxruntime` variant first answers one row, untimed, so that its export is made
+A variant that runs the ONNX export (`--backend onnxruntime`, `openvino` or `auto`, `--quantize int8`)
+first answers one row, untimed, so that its export is made
 (into $QA_BATCH_CACHE, by default <--work>/onnx-cache) before the timed run takes it from the cache.
 """
 
@@ -79,7 +80,8 @@ def run_qa_batch(ckpt: str, inp: str, out: str, device: str, seq: int, stride: i
     cmd = [sys.executable, "-m", "jobs.cli", "run", inp, "-o", out, "--overwrite", "--quiet", "--model", ckpt,
            "--device", device, "--max-seq-len", str(seq), "--doc-stride", str(stride), "--report", report, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if "onnxruntime" in extra:  # the export (once per checkpoint and variant) is not part of the timed run
+    exported = {"onnxruntime", "openvino", "auto", "int8"} & set(extra)  # --quantize int8 runs ONNX Runtime's
+    if exported:  # the export (once per checkpoint) is not part of the timed run; its compile (load_model) is shown
         warm = subprocess.run(cmd[:-len(extra) - 2] + ["--limit", "1", *extra], capture_output=True, text=True,
                               env=env, cwd=ROOT)
         if warm.returncode != 0:

@@ -105,16 +105,18 @@ def run(
     devices: Optional[str] = typer.Option(None, show_default=False, rich_help_panel="Model and device",
         help="Comma-separated devices, one worker process each, e.g. cuda:0,cuda:2 (or cpu,cpu). "
              "Same output as one device."),
-    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.", rich_help_panel="Model and device"),
+    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16 "
+                              "(on CPUs with AMX 1.4-3.1x float32, 98% of its answers; BENCHMARKS.md).", rich_help_panel="Model and device"),
     quantize: str = typer.Option("none", help="int8: ONNX Runtime's dynamic int8 on the CPU (whatever --backend says; "
-        "about 1.35x float32's speed). Answers differ from float32: on a trained MiniLM 18% of SQuAD paragraph answers "
+        "1.3-1.5x float32's speed). Answers differ from float32: on a trained MiniLM 18% of SQuAD paragraph answers "
         "changed, F1 within 1.0; see BENCHMARKS.md, Answer quality.",
         rich_help_panel="Model and device"),
     backend: str = typer.Option("torch", help="torch; onnxruntime or openvino: the model exported once to ONNX "
         "(cached in $QA_BATCH_CACHE/onnx, default ~/.cache/qa-batch/onnx) and run on the CPU by ONNX Runtime or "
-        "OpenVINO (float32 with PyTorch's answers; openvino also --dtype bfloat16); auto: the fastest of these that "
-        "keeps float32's answers on this device, as measured in BENCHMARKS.md (openvino on a CPU where it is "
-        "installed, else torch). pip install -e '.\\[onnxruntime]' or '.\\[openvino]' in a checkout.",
+        "OpenVINO (float32 with PyTorch's answers; openvino also --dtype bfloat16); auto: the backend measured "
+        "fastest for the options on this device (openvino for --dtype bfloat16 on a CPU where it is installed, "
+        "else torch: no exported backend beat PyTorch float32 on both long documents and paragraphs). "
+        "pip install -e '.\\[onnxruntime]' or '.\\[openvino]' in a checkout.",
         rich_help_panel="Model and device"),
     batch_size: Optional[int] = typer.Option(None, show_default=False,
         help="Most chunks per forward pass. Default: 256 on CUDA, 4 per worker on CPU.", rich_help_panel="Throughput"),

@@ -7,7 +7,7 @@ The folders are the architecture; each may import only from the ones above it in
                 the shared ground: every option in one dataclass, input rows and answers
                 counted together, exit codes, local paths and s3:// alike, wording, crash
                 points for the resume tests
-    models/     loading a checkpoint and its tokenizer, devices, the ONNX Runtime backend
+    models/     loading a checkpoint and its tokenizer, devices, the ONNX Runtime and OpenVINO backends
     stages/     what happens to a row, no process or job in sight
     quality/    answer quality and calibration: eval, fit, summary, SQuAD conversion
     engines/    what runs the stages: a job planned, run, killed, resumed and committed
@@ -40,7 +40,7 @@ The engines (engines/), which run the stages:
     commit.py   a directory output published with a `_SUCCESS` marker
 
 The models (models/): `checkpoint.py` (a checkpoint, its tokenizer, devices, dtypes, its
-identity) and `onnx_backend.py` (--backend onnxruntime: the same forward in ONNX Runtime).
+identity) and `onnx_backend.py` (--backend onnxruntime/openvino/auto: the same forward in ONNX Runtime or OpenVINO).
 The quality tools (quality/): `evaluate.py` (SQuAD metrics, ECE), `calibrate.py` (a fitted
 null bias and confidence), `squad.py` (SQuAD JSON to an input table), `summary.py`.
 """

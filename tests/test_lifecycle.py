@@ -76,7 +76,10 @@ def digest(path: str) -> str:
 def cli(args: list[str], env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
-                                                     **(env or {})})
+                                                     "QA_BATCH_CACHE": ONNX_CACHE, **(env or {})})
+
+
+ONNX_CACHE = tempfile.mkdtemp(prefix="qa-life-cache-")  # --backend onnxruntime's exports, shared by the examples
 
 
 def metadata_of(path: str) -> dict:
@@ -234,9 +237,10 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(kind=st.sampled_from(["plain", "plain", "relative", "slash", "inside_input", "default_glob"]),
           top_k=st.sampled_from([1, 2]), questions=st.sampled_from(["no", "long", "wide", "documents"]),
-          limit=st.sampled_from([None, 5]), overwrite=st.booleans(), restart=st.booleans(), stop=stops)
-    def run(self, kind, top_k, questions, limit, overwrite, restart, stop):
-        self.do_run(kind, top_k, questions, limit, overwrite, restart, stop)
+          limit=st.sampled_from([None, 5]), overwrite=st.booleans(), restart=st.booleans(), stop=stops,
+          backend=st.sampled_from(["torch", "torch", "onnxruntime"]))
+    def run(self, kind, top_k, questions, limit, overwrite, restart, stop, backend):
+        self.do_run(kind, top_k, questions, limit, overwrite, restart, stop, backend)
 
     @precondition(lambda self: self.last is not None)
     @rule(stop=stops)
@@ -245,7 +249,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.do_run(**{**self.last, "stop": stop})
 
     @precondition(lambda self: self.last is not None)
-    @rule(change=st.sampled_from(["top_k", "questions", "limit", "overwrite", "restart"]), stop=stops)
+    @rule(change=st.sampled_from(["top_k", "questions", "limit", "overwrite", "restart", "backend"]), stop=stops)
     def rerun_changed(self, change, stop):
         """The same output path, one option changed: another job, or the same one with other flags."""
         last = dict(self.last)
@@ -255,13 +259,15 @@ class Lifecycle(RuleBasedStateMachine):
             last["questions"] = {"no": "long", "long": "wide", "wide": "documents", "documents": "no"}[last["questions"]]
         elif change == "limit":
             last["limit"] = None if last["limit"] else 5
+        elif change == "backend":  # another model runtime: answers may differ in the last float32 bits
+            last["backend"] = "torch" if last["backend"] == "onnxruntime" else "onnxruntime"
         else:
             last[change] = not last[change]
         self.do_run(**{**last, "stop": stop})
 
-    def do_run(self, kind, top_k, questions, limit, overwrite, restart, stop):
+    def do_run(self, kind, top_k, questions, limit, overwrite, restart, stop, backend="torch"):
         self.last = dict(kind=kind, top_k=top_k, questions=questions, limit=limit, overwrite=overwrite,
-                         restart=restart)
+                         restart=restart, backend=backend)
         if stop is not None and stop != "SIGTERM" and stop not in self.points:
             stop = None
         options = [*FAST, "--top-k", str(top_k)]
@@ -271,6 +277,8 @@ class Lifecycle(RuleBasedStateMachine):
             options += ["--questions", os.path.join(self.base, "q.txt")] + (["--wide"] if questions == "wide" else [])
         if limit is not None:
             options += ["--limit", str(limit)]
+        if backend != "torch":  # the model exported to ONNX (once per retrained checkpoint, cached)
+            options += ["--backend", backend]
         key = self.job_key(options)
         o_args, spec, where = self.output_path(kind)
         flags = (["--overwrite"] if overwrite else []) + (["--restart"] if restart else [])
@@ -279,7 +287,7 @@ class Lifecycle(RuleBasedStateMachine):
         if os.path.exists(report):
             os.remove(report)
         args = ["run", spec, *o_args, "--model", self.model, *options, *flags, *engine, "--report", report]
-        self.steps.append(f"run({kind}, top_k={top_k}, questions={questions}, limit={limit}, "
+        self.steps.append(f"run({kind}, top_k={top_k}, questions={questions}, limit={limit}, backend={backend}, "
                           f"overwrite={overwrite}, restart={restart}, stop={stop})")
 
         owned = {p: digest(p) for p in self.user_files(where)}

@@ -45,7 +45,7 @@ class Stages:
     max_batch_tokens: int
     chunk_k: int  # spans kept per chunk: top_k, at least 2 for the runner-up (each span has one owner chunk)
     calibration: calibrate.Calibration | None = None  # --calibration: null bias and calibrated confidence
-    pad_multiple: int = 1  # batches padded to a multiple of this (8 on CUDA: tensor-core shapes)
+    pad_multiple: int = 1  # batches padded to a multiple of this (8 on CUDA: tensor-core shapes; OpenVINO: fewer shapes)
 
     @classmethod
     def build(cls, config: RunConfig, loaded: LoadedModel, cpu_workers: int,
@@ -68,7 +68,7 @@ class Stages:
             max_batch_tokens=config.max_batch_tokens or batch_size * config.max_seq_len,
             chunk_k=chunk_k,
             calibration=calibration,
-            pad_multiple=8 if on_cuda else 1,
+            pad_multiple=8 if on_cuda else onnx_backend.pad_multiple(loaded.model),
         )
 
     @property

@@ -83,9 +83,11 @@ class ExportError(Exception):
 # ---------------------------------------------------------------------------- options
 
 def resolved(config):
-    """`config` with its backend decided: `auto` becomes the fastest backend measured to keep
-    PyTorch float32's answers on this device (BENCHMARKS.md, CPU paths): OpenVINO on the CPU when it
-    is installed, else PyTorch; PyTorch on CUDA. `--quantize int8` runs ONNX Runtime's int8 (the one
+    """`config` with its backend decided. `auto` becomes the backend measured fastest for these options
+    on this device (BENCHMARKS.md, "CPU paths", whole runs on long documents and paragraphs): on a CPU,
+    OpenVINO for --dtype bfloat16 where it is installed, ONNX Runtime for --quantize int8, else
+    PyTorch (in float32 no exported backend was faster on both: OpenVINO 1.15x on long documents,
+    0.85-0.95x on paragraphs); PyTorch on CUDA. `--quantize int8` runs ONNX Runtime's int8 (the one
     int8 path qa-batch offers). The decided name is what manifests, metadata and the summary show."""
     import dataclasses
 
@@ -102,13 +104,15 @@ def _fastest(config) -> str:
                  for d in (config.devices or (config.device,)))
     if config.engine == "ray":
         on_cpu = config.device == "cpu" or config.num_gpus == 0
-    if not on_cpu or config.dtype not in ("auto", "float32", "bfloat16"):
+    if not on_cpu:
         return "torch"
     if config.quantize == "int8":
         return "onnxruntime"
     import importlib.util
-    installed = all(importlib.util.find_spec(m) is not None for m in ("openvino", "onnxruntime", "onnxscript"))
-    return "openvino" if installed else "torch"
+    if config.dtype == "bfloat16" and all(importlib.util.find_spec(m) is not None
+                                          for m in ("openvino", "onnxruntime", "onnxscript")):
+        return "openvino"
+    return "torch"
 
 
 def check_options(config) -> None:
@@ -231,6 +235,16 @@ class OvQAModel:
 
     def __repr__(self) -> str:
         return f"OvQAModel({self.path}, precision={self.precision})"
+
+
+OV_PAD_MULTIPLE = 16
+
+
+def pad_multiple(model) -> int:
+    """Batches for OpenVINO are padded to a multiple of 16 tokens: each new input shape costs its
+    CPU plugin a shape inference and kernel selection, and length-sorted batches of paragraphs
+    would otherwise bring a new width nearly every batch. Other models take any width."""
+    return OV_PAD_MULTIPLE if isinstance(model, OvQAModel) else 1
 
 
 def prepared(loaded, config):
