@@ -17,6 +17,9 @@ over the same real chunks, padded to one length, in batches of 16:
   could reach, not a path qa-batch offers);
 - CTranslate2's encoder (float32, int8) with the QA head applied to its hidden states.
 
+Each family (PyTorch, ONNX Runtime, OpenVINO, CTranslate2) runs in a process of its own: engines
+left loaded in one process (thread pools, allocators) slowed the next ones by up to 2x.
+
 Each line: chunks/s, the speed over PyTorch float32, the share of chunks whose best start and end
 tokens are PyTorch float32's, and the largest start-logit difference. Engines not installed are
 skipped (pip install openvino nncf ctranslate2).
@@ -66,8 +69,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads per engine (qa-batch's CPU workers use one each)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--per-article", type=int, default=6, help="questions per article")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # torch|ort|ov|ct2, in a process of its own
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--export", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.only is None:
+        return compare(args)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForQuestionAnswering
 
@@ -76,6 +84,7 @@ def main() -> None:
     batches = [tuple(x[i:i + args.batch] for x in (ids, mask, types)) for i in range(0, n, args.batch)]
     work = tempfile.mkdtemp(prefix="cpu-engines-")
     results = []
+    export = args.export
 
     def bench(name, fn):
         fn(*batches[0])  # warm-up: first-call allocations, kernel selection
@@ -93,23 +102,20 @@ def main() -> None:
         return f
 
     model = AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32).eval()
-    bench("PyTorch float32 (SDPA)", torch_fn(model))
-    bench("PyTorch bfloat16", torch_fn(AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.bfloat16).eval()))
-    bench("PyTorch dynamic int8", torch_fn(torch.ao.quantization.quantize_dynamic(
-        AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32).eval(), {torch.nn.Linear},
-        dtype=torch.qint8)))
+    if args.only == "torch":
+        bench("PyTorch float32 (SDPA)", torch_fn(model))
+        bench("PyTorch bfloat16", torch_fn(AutoModelForQuestionAnswering.from_pretrained(args.model,
+                                                                                      dtype=torch.bfloat16).eval()))
+        bench("PyTorch dynamic int8", torch_fn(torch.ao.quantization.quantize_dynamic(
+            AutoModelForQuestionAnswering.from_pretrained(args.model, dtype=torch.float32).eval(), {torch.nn.Linear},
+            dtype=torch.qint8)))
 
-    export = None
-    if importlib.util.find_spec("onnxruntime") is not None:
+    if args.only == "ort":
         import onnxruntime as ort
 
         from pipeline.config import RunConfig
         from pipeline.models import onnx_backend
         from pipeline.models.checkpoint import load_model
-
-        os.environ["QA_BATCH_CACHE"] = os.path.join(work, "cache")
-        export = onnx_backend.prepared(load_model(args.model, "cpu"),
-                                       RunConfig(inputs=(), backend="onnxruntime")).model.path
 
         def ort_fn(path):
             so = ort.SessionOptions()
@@ -128,10 +134,10 @@ def main() -> None:
         bench(f"ONNX Runtime float32, transformers optimizer (Attention fused: {stats.get('Attention', 0)})",
               ort_fn(os.path.join(work, "optimized.onnx")))
         q = onnx_backend.prepared(load_model(args.model, "cpu"),
-                                  RunConfig(inputs=(), backend="onnxruntime", quantize="int8"))
+                                  RunConfig(inputs=(), backend="onnxruntime", quantize="int8"))  # from the cache
         bench("ONNX Runtime dynamic int8 (qa-batch's --quantize int8)", ort_fn(q.model.path))
 
-    if export and importlib.util.find_spec("openvino") is not None:
+    if args.only == "ov":
         import openvino as ov
 
         core = ov.Core()
@@ -141,7 +147,10 @@ def main() -> None:
                                               "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False})
             r = c.create_infer_request()
             outs = [c.output("start_logits"), c.output("end_logits")]
-            return lambda a, b, cc: tuple(r.infer(dict(zip(NAMES, (a, b, cc))))[p].copy() for p in outs)
+            def f(a, b, cc):
+                got = r.infer(dict(zip(NAMES, (a, b, cc))))  # once: its buffers are reused by the next call
+                return tuple(got[p].copy() for p in outs)
+            return f
 
         bench("OpenVINO float32 (qa-batch's --backend openvino)", ov_fn(core.read_model(export), "f32"))
         bench("OpenVINO bfloat16 (--backend openvino --dtype bfloat16)", ov_fn(core.read_model(export), "bf16"))
@@ -153,7 +162,7 @@ def main() -> None:
                               subset_size=len(calib))
             bench("OpenVINO static int8 (NNCF, 64 calibration chunks; not offered)", ov_fn(q, "f32"))
 
-    if importlib.util.find_spec("ctranslate2") is not None:
+    if args.only == "ct2":
         import ctranslate2
         from ctranslate2.converters import TransformersConverter
 
@@ -180,6 +189,43 @@ def main() -> None:
             bench(f"CTranslate2 encoder {compute} (QA head in NumPy)", ct2_fn)
 
     shutil.rmtree(work, ignore_errors=True)
+    np.savez(args.out, names=np.array([r[0] for r in results]), cps=np.array([r[1] for r in results]),
+             **{f"s{i}": r[2] for i, r in enumerate(results)}, **{f"e{i}": r[3] for i, r in enumerate(results)})
+
+
+def compare(args) -> None:
+    """Every family in its own process, then one table against PyTorch float32."""
+    import subprocess
+
+    from pipeline.config import RunConfig
+    from pipeline.models import onnx_backend
+    from pipeline.models.checkpoint import load_model
+
+    work = tempfile.mkdtemp(prefix="cpu-engines-")
+    os.environ["QA_BATCH_CACHE"] = os.path.join(work, "cache")
+    families = ["torch"]
+    export = None
+    if importlib.util.find_spec("onnxruntime") is not None:  # qa-batch's export, also int8, made once
+        export = onnx_backend.prepared(load_model(args.model, "cpu"), RunConfig(inputs=(), backend="onnxruntime")).model.path
+        onnx_backend.prepared(load_model(args.model, "cpu"), RunConfig(inputs=(), backend="onnxruntime", quantize="int8"))
+        families.append("ort")
+        if importlib.util.find_spec("openvino") is not None:
+            families.append("ov")
+    if importlib.util.find_spec("ctranslate2") is not None:
+        families.append("ct2")
+    results = []
+    for family in families:
+        out = os.path.join(work, f"{family}.npz")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--only", family, "--out", out,
+                        "--model", args.model, "--squad", args.squad, "--threads", str(args.threads),
+                        "--batch", str(args.batch), "--per-article", str(args.per_article),
+                        *(["--export", export] if export else [])], check=True, env=os.environ)
+        got = np.load(out)
+        results += [(str(name), float(got["cps"][i]), got[f"s{i}"], got[f"e{i}"]) for i, name in enumerate(got["names"])]
+    ids, mask, types = chunks(args.model, args.squad, 384, 128, args.per_article)
+    n = len(ids) // args.batch * args.batch
+    shutil.rmtree(work, ignore_errors=True)
+
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
     flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
     print(f"\n{cpu}, {os.cpu_count()} cores ({'AMX' if 'amx_bf16' in flags else 'no AMX'}), {args.threads} thread(s), "

@@ -436,3 +436,15 @@ def test_entries_no_run_opened_for_30_days_are_pruned(tmp_path, monkeypatch):
     monkeypatch.delenv("QA_BATCH_CACHE_DAYS")
     assert onnx_backend.prune_unused(str(root)) == [str(root / "old")]
     assert sorted(os.listdir(root)) == [".locks", "broken", "fresh"]  # a folder without meta.json is its run's
+
+
+def test_the_cache_lives_where_readme_says(monkeypatch, tmp_path):
+    """README: $QA_BATCH_CACHE/onnx, else $XDG_CACHE_HOME/qa-batch/onnx, else ~/.cache/qa-batch/onnx."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QA_BATCH_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert onnx_backend.cache_root() == str(tmp_path / "home" / ".cache" / "qa-batch" / "onnx")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_backend.cache_root() == str(tmp_path / "xdg" / "qa-batch" / "onnx")
+    monkeypatch.setenv("QA_BATCH_CACHE", str(tmp_path / "mine"))
+    assert onnx_backend.cache_root() == str(tmp_path / "mine" / "onnx")

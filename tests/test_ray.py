@@ -285,6 +285,15 @@ def test_ray_reads_and_writes_s3_and_publishes_again_after_a_kill(small, s3):
     assert listed("nightly") == ["ray-in", "ray-out"]  # the staging directory removed
     assert_same_answers(pq.read_table("nightly/ray-out", filesystem=s3["fs"]), small["reference"])
 
+    # README: an object-store publish removes the older output's files that the new one does not hold
+    # (shards of 8 rows now: none of the older file names is written again)
+    r = run_cli(*[a if a != "12" else "8" for a in cmd], "--overwrite", env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    assert listed("nightly/ray-out") == ["_SUCCESS", "part-000000000000-000000000008.parquet",
+                                         "part-000000000008-000000000016.parquet",
+                                         "part-000000000016-000000000024.parquet"]
+    assert_same_answers(pq.read_table("nightly/ray-out", filesystem=s3["fs"]), small["reference"])
+
 
 def test_without_ray_the_ray_engine_says_which_extra_to_install(bert_dir, tmp_path):
     hidden = tmp_path / "no-ray" / "ray"  # shadows the installed package, as if it were not there

@@ -334,7 +334,7 @@ class Calibration:
         for key in FITTED_OPTIONS:  # a key the fitted run did not record (an older qa-batch) is not compared
             if key == "backend" and options.get("quantize", "none") == "none" and \
                     self.options.get("quantize", "none") == "none":
-                continue  # float32 on PyTorch and on ONNX Runtime give the same spans (BENCHMARKS.md)
+                continue  # PyTorch, ONNX Runtime and OpenVINO give the same spans at one dtype (BENCHMARKS.md)
             if key in options and self.options.get(key) is not None and options[key] != self.options[key]:
                 out.append(f"--{key.replace('_', '-')} {options[key]}, fitted with {self.options[key]}")
         return out
