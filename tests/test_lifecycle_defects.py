@@ -17,6 +17,9 @@ from pipeline import storage
 from pipeline.models.checkpoint import content_hash
 from pipeline.stages.write import read_metadata
 
+# each test runs the CLI end to end, often killed and rerun, Ray included: the long runs' step
+pytestmark = pytest.mark.slow
+
 FAST = ["--rows-per-window", "8", "--max-seq-len", "64", "--doc-stride", "16", "--limit", "24"]
 
 

@@ -342,7 +342,8 @@ def test_backend_auto_says_what_it_chose(tmp_path, models, bert_dir, onnx_cache)
     assert meta["backend"] == meta["options"]["backend"] == "torch" and meta["dtype"] == "float32"
 
     r = run_cli("run", SAMPLE, "--model", bert_dir, "--limit", "4", "-o", tmp_path / "bf16.parquet",
-                "--backend", "auto", "--dtype", "bfloat16", env={"QA_BATCH_CACHE": onnx_cache})
+                "--backend", "auto", "--dtype", "bfloat16", "--cpu-workers", "1", env={"QA_BATCH_CACHE": onnx_cache},
+                timeout=120)  # 1-2 workers on one compiled model: test_openvino_answers_as_pytorch_on_generated_inputs
     assert r.returncode == 0, r.stderr
     assert "exporting" not in r.stderr and entries(onnx_cache) == before, r.stderr  # the module's export
     assert " on cpu with openvino bfloat16: " in r.stderr.strip().splitlines()[-1], r.stderr

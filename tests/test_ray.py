@@ -338,6 +338,7 @@ def kill_after_two_shards(small, out, cluster, trace, *extra) -> list[tuple[int,
     return kept
 
 
+@pytest.mark.slow  # a run signalled or killed, then rerun: the long runs' step
 def test_sigint_cancels_the_ray_job_keeps_its_shards_and_exits_130(small, cluster, tmp_path):
     """README, Signals: the first SIGINT cancels the Ray job (the shards already written stay) and
     qa-batch exits with 130 telling you to rerun."""
@@ -382,6 +383,7 @@ runpy.run_module("jobs.cli", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow  # a run signalled or killed, then rerun: the long runs' step
 def test_a_second_sigint_exits_a_ray_run_at_once(small, cluster, tmp_path):
     """README, Signals: a second SIGINT, while the first one's stop is under way, exits at once (130)."""
     out, marker, wrapper = tmp_path / "out", tmp_path / "stopping", tmp_path / "hold_the_stop.py"
@@ -412,6 +414,7 @@ def test_a_second_sigint_exits_a_ray_run_at_once(small, cluster, tmp_path):
     assert shard_files(files) and not out.exists()
 
 
+@pytest.mark.slow  # a run signalled or killed, then rerun: the long runs' step
 def test_restart_discards_the_earlier_shards_and_answers_every_row_again(small, cluster, tmp_path):
     """README, Resume: `--restart` discards the staged shards."""
     out, first, second, report = tmp_path / "out", tmp_path / "first.trace", tmp_path / "second.trace", \
@@ -430,6 +433,7 @@ def test_restart_discards_the_earlier_shards_and_answers_every_row_again(small, 
     assert sorted(os.listdir(tmp_path)) == ["first.trace", "out", "report.json", "second.trace"]
 
 
+@pytest.mark.slow  # a run signalled or killed, then rerun: the long runs' step
 def test_a_resume_on_another_number_of_actors_answers_only_the_missing_rows(small, cluster, tmp_path):
     """README, Resume: a rerun answers only the rows no shard file holds, on any number of actors
     (shards of different sizes fit together; no row is answered twice); the output is that of an

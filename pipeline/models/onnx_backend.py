@@ -210,11 +210,13 @@ class OvQAModel:
         self.precision = precision  # "f32" or "bf16"
         self.outputs = [compiled.output(name) for name in OUTPUTS]
         self._local = threading.local()
+        self._creating = threading.Lock()
 
     def __call__(self, **inputs: torch.Tensor) -> QAOutput:
         request = getattr(self._local, "request", None)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+            with self._creating:  # one thread at a time: the workers' first batches arrive together
+                request = self._local.request = self.compiled.create_infer_request()
         ids = inputs["input_ids"]
         feed = {}
         for n in self.input_names:
