@@ -89,6 +89,16 @@ def spans_agree(a: dict, b: dict) -> None:
         assert (b["answer"], b["answer_start"], b["answer_end"]) == (a["answer"], a["answer_start"], a["answer_end"])
 
 
+def answers_agree(models, backend: str, data, o: dict) -> None:
+    """Generated rows answered by PyTorch float32 and by `backend`: the same rows, spans agreeing."""
+    passages, questions = data
+    want = answer(models["torch"], passages, questions, o)
+    got = answer(models[backend], passages, questions, o)
+    assert len(got) == len(want)
+    for x, y in zip(want, got):
+        spans_agree(x, y)
+
+
 def test_the_cli_answers_as_pytorch_float32_and_reuses_the_export(tmp_path, models, bert_dir, onnx_cache):
     before = entries(onnx_cache)
     stamps = {n: os.stat(os.path.join(onnx_cache, "onnx", n, "model.onnx")).st_mtime_ns for n in before}
@@ -114,12 +124,7 @@ def test_the_cli_answers_as_pytorch_float32_and_reuses_the_export(tmp_path, mode
 def test_onnxruntime_answers_as_pytorch_on_generated_inputs(models, data, o):
     """Generated passages, questions and options (batch sizes, windows, 1 or 2 CPU workers sharing
     the session): the same rows as PyTorch float32, within float32 rounding."""
-    passages, questions = data
-    want = answer(models["torch"], passages, questions, o)
-    got = answer(models["ort"], passages, questions, o)
-    assert len(got) == len(want)
-    for x, y in zip(want, got):
-        spans_agree(x, y)
+    answers_agree(models, "ort", data, o)
 
 
 def test_int8_quantizes_every_weight_matmul_but_the_head(tmp_path, models, bert_dir, onnx_cache):
@@ -319,12 +324,7 @@ def test_openvino_answers_as_pytorch_on_generated_inputs(models, data, o):
     """Generated inputs and options (1 or 2 CPU workers, each with its own infer request on the one
     compiled model): OpenVINO float32 gives PyTorch float32's rows, within float32 rounding."""
     need_openvino(models)
-    passages, questions = data
-    want = answer(models["torch"], passages, questions, o)
-    got = answer(models["ov"], passages, questions, o)
-    assert len(got) == len(want)
-    for x, y in zip(want, got):
-        spans_agree(x, y)
+    answers_agree(models, "ov", data, o)
 
 
 def test_backend_auto_says_what_it_chose(tmp_path, models, bert_dir, onnx_cache):

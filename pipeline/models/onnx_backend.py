@@ -169,6 +169,18 @@ class QAOutput:
     end_logits: torch.Tensor
 
 
+def _feed(input_names: tuple[str, ...], inputs: dict) -> dict:
+    """A batch's tensors as the arrays an exported graph takes, one per input it was exported with."""
+    ids = inputs["input_ids"]
+    feed = {}
+    for n in input_names:
+        t = inputs.get(n)
+        if t is None:  # batches without padding come without a mask (all ones); token types default to 0
+            t = torch.ones_like(ids) if n == "attention_mask" else torch.zeros_like(ids)
+        feed[n] = t.detach().cpu().contiguous().numpy()
+    return feed
+
+
 class OrtQAModel:
     """An ONNX Runtime session called like a transformers QA model: `model(**inputs)`."""
 
@@ -179,15 +191,8 @@ class OrtQAModel:
         self.quantize = quantize
 
     def __call__(self, **inputs: torch.Tensor) -> QAOutput:
-        ids = inputs["input_ids"]
-        feed = {}
-        for n in self.input_names:
-            t = inputs.get(n)
-            if t is None:  # batches without padding come without a mask (all ones); token types default to 0
-                t = torch.ones_like(ids) if n == "attention_mask" else torch.zeros_like(ids)
-            feed[n] = t.detach().cpu().contiguous().numpy()
         try:
-            start, end = self.session.run(list(OUTPUTS), feed)
+            start, end = self.session.run(list(OUTPUTS), _feed(self.input_names, inputs))
         except Exception as e:  # onnxruntime's own exception types: a model failure (exit code 3)
             raise RuntimeError(f"onnxruntime: {e}") from None
         return QAOutput(torch.from_numpy(start), torch.from_numpy(end))
@@ -217,15 +222,8 @@ class OvQAModel:
         if request is None:
             with self._creating:  # one thread at a time: the workers' first batches arrive together
                 request = self._local.request = self.compiled.create_infer_request()
-        ids = inputs["input_ids"]
-        feed = {}
-        for n in self.input_names:
-            t = inputs.get(n)
-            if t is None:
-                t = torch.ones_like(ids) if n == "attention_mask" else torch.zeros_like(ids)
-            feed[n] = t.detach().cpu().contiguous().numpy()
         try:
-            result = request.infer(feed)
+            result = request.infer(_feed(self.input_names, inputs))
         except Exception as e:  # OpenVINO's own exception types: a model failure (exit code 3)
             raise RuntimeError(f"openvino: {e}") from None
         # the request reuses its output buffers on the next call: copy them out
