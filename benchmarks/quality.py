@@ -22,7 +22,12 @@ SQuAD 2.0 EM/F1, split into has-answer and no-answer rows).
    `qa-batch eval --calibration` on the other (ECE, Brier and F1 before and after), and the
    reverse; on paragraphs `qa-batch run --calibration` is also run on the held-out article
    and must give the figures eval computed offline.
-5. Documents (`--steps documents`): every question of an article asked of that article as
+5. Transfer (`--steps transfer`, after step 4): why a calibration fitted on one article does or
+   does not carry to the other. Under the fitted article's null bias, the share of right
+   answers among null answers and among span answers in each article (rows a calibrator
+   cannot tell apart, right at different rates, bound what it can reach), and the same fit
+   and check with no null bias (every question answered), where the model's span scores rank.
+6. Documents (`--steps documents`): every question of an article asked of that article as
    one document made of its paragraphs (`--document-col`, one row per question and
    paragraph) against the same article as one long passage: F1, HasAns F1 and answers per
    second, side by side.
@@ -205,6 +210,51 @@ def calibration(args, gold: dict) -> dict:
     return results
 
 
+def transfer(args) -> dict:
+    """Step 5: per setting and direction, what carries from the fitted article to the other."""
+    sys.path.insert(0, args.qa_root)
+    from pipeline.quality import calibrate as cal, evaluate as ev
+
+    results = {}
+    for setting in args.settings:
+        titles = sorted(n[len(f"gold-{setting}-"):-len(".parquet")] for n in os.listdir(args.work)
+                        if n.startswith(f"gold-{setting}-") and n.endswith(".parquet"))
+        labelled = {}
+        for t in titles:
+            report = ev.evaluate(os.path.join(args.work, f"answers-{setting}-{t}.parquet"),
+                                 os.path.join(args.work, f"gold-{setting}-{t}.parquet"))
+            rows, logits = ev._row_logits(report, "transfer")
+            has, span_f1, _, _ = ev._labels(rows)
+            labelled[t] = (ev.best_f1_threshold(report), logits, has, span_f1)
+        res = results[setting] = []
+        for fit_on in titles:
+            for test_on in [t for t in titles if t != fit_on]:
+                bias = labelled[fit_on][0]
+                row = {"fit_on": fit_on, "test_on": test_on, "null_bias": bias}
+                for name, b in (("with_null_bias", bias), ("every_question_answered", None)):
+                    out = row[name] = {}
+                    for side, t in (("fit", fit_on), ("test", test_on)):
+                        _, logits, has, span_f1 = labelled[t]
+                        null = cal.is_null(logits, b)
+                        right = cal.correct(null, has, span_f1)
+                        out[side] = {"rows": int(len(right)), "right": round(float(right.mean()), 4),
+                                     "null_answers": round(float(null.mean()), 4),
+                                     "right_of_null": round(float(right[null].mean()), 4) if null.any() else None,
+                                     "right_of_spans": round(float(right[~null].mean()), 4) if (~null).any() else None}
+                    _, logits, has, span_f1 = labelled[fit_on]
+                    fitted = cal.fit(logits, has, span_f1, b, model={}, options={},
+                                     confidence_before=cal.softmax_share(logits, b),
+                                     null_before=cal.is_null(logits, b), fitted_on={})
+                    _, logits, has, span_f1 = labelled[test_on]
+                    held = cal.compare(fitted, logits, has, span_f1, cal.softmax_share(logits, b),
+                                       cal.is_null(logits, b))
+                    out["calibrator"] = fitted.calibrator
+                    out["held_out"] = {k: {m: held[k][m] for m in ("ece", "brier", "auc", "spread")}
+                                       for k in ("null_bias_only", "after")}
+                res.append(row)
+    return results
+
+
 def pages_input(args) -> str:
     """Every question of an article asked of the article as one document of its paragraphs: one row
     per (question, paragraph), the document key the question's id (so eval joins on it)."""
@@ -336,12 +386,15 @@ def main() -> None:
     q = quality(args, gold) if "quality" in steps else {}
     c = calibration(args, gold) if "calibration" in steps else {}
     d = documents(args, gold) if "documents" in steps else {}
+    t = transfer(args) if "transfer" in steps else {}
     text = markdown(q, c, args, d)
     print(text)
+    if t:
+        print(json.dumps(t, indent=1))
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump({"device": args.device_name, "commit": args.commit, "date": dt.date.today().isoformat(),
-                   "quality": q, "calibration": c, "documents": d}, f, indent=2)
+                   "quality": q, "calibration": c, "documents": d, **({"transfer": t} if t else {})}, f, indent=2)
     if args.append:
         with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
             f.write("\n" + text + "\n")

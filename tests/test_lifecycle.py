@@ -17,6 +17,7 @@ The local engine runs every example, the Ray engine (a local Ray instance) a sma
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +35,7 @@ import pytest
 from conftest import ROOT, SAMPLE, assert_same_answers
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from launcher import ForkServer, Run
 from tiny_models import make_checkpoint
 
 from pipeline.stages.questions import QuestionList
@@ -41,14 +44,25 @@ from pipeline.stages.write import read_metadata
 
 EXIT_CODES = {0, 2, 3, 130, 143}  # README: Exit codes
 KILLED = -signal.SIGKILL
-FAST = ["--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "4"]
+ALWAYS_REFUSED = ("inside the input directory", "names a folder")  # whatever else the command says
+FAST = ["--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2"]  # several windows, parts, batches
 # crash points of the local engine and of the Ray driver (faults.point), by where they fall
 LOCAL_POINTS = ["read:2", "batch:3", "part_written:1", "part_written:3", "assembling:2", "renaming:1",
                 "cleaning_up:1"]
 RAY_POINTS = ["ray_shard_done:1", "published:1", "replaced:1"]
 QUESTIONS = ("who ruled?", "when was it?")
 
+PASSAGE_CHARS = 2000  # long enough for rows of many chunks, batches and parts; short enough for 1,000 examples
 _base_model: dict[str, str] = {}
+REACHED: collections.Counter = collections.Counter()  # (engine, stop, exit code, refusal) -> runs
+
+
+def sample_rows() -> pa.Table:
+    """The sample's rows, passages cut to PASSAGE_CHARS (its long articles are 25,000 characters)."""
+    import pyarrow.compute as pc
+
+    table = pq.read_table(SAMPLE).select(["id", "passage", "question", "title"])
+    return table.set_column(1, "passage", pc.utf8_slice_codeunits(table["passage"], 0, PASSAGE_CHARS))
 
 
 def base_model() -> str:
@@ -73,13 +87,27 @@ def digest(path: str) -> str:
     return h.hexdigest()
 
 
-def cli(args: list[str], env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
-                                                     "QA_BATCH_CACHE": ONNX_CACHE, **(env or {})})
-
-
 ONNX_CACHE = tempfile.mkdtemp(prefix="qa-life-cache-")  # --backend onnxruntime's exports, shared by the examples
+
+
+def run_env(extra: dict | None = None) -> dict:
+    """A run's environment: this process's as it is now (ray.init adds the cluster's token), offline."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "QA_BATCH_CACHE": ONNX_CACHE, **(extra or {})}
+
+
+_server: list[ForkServer] = []
+
+
+def launch(args: list[str], env: dict | None = None, cwd: str = ROOT) -> Run:
+    """`python -m jobs.cli ARGS` as a process of its own, forked from a server that has imported
+    torch and transformers once (tests/launcher.py: a run then takes about a second, not six)."""
+    if not _server:
+        _server.append(ForkServer(run_env(), ROOT))
+    return Run(_server[0], args, run_env(env), cwd, tempfile.mkdtemp(prefix="qa-life-run-"))
+
+
+def cli(args: list[str], env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    return launch(args, env, cwd).finish(timeout=600)
 
 
 def metadata_of(path: str) -> dict:
@@ -117,7 +145,7 @@ class Lifecycle(RuleBasedStateMachine):
             f.write("\n".join(QUESTIONS) + "\n")
         with open(os.path.join(self.base, "notes.txt"), "w") as f:
             f.write("not qa-batch's")
-        self.sample = pq.read_table(SAMPLE).select(["id", "passage", "question", "title"])
+        self.sample = sample_rows()
         self.files = 0
         # the test's own bookkeeping, per output path: which job owns the output, and which job
         # left parts in the work directory (a job is the key of its command: inputs, model, options)
@@ -134,7 +162,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ the world changes
 
-    @initialize(rows=st.sampled_from([3, 6]), kind=st.sampled_from(["plain", "default_glob", "slash"]),
+    @initialize(rows=st.sampled_from([3, 6]), kind=st.sampled_from(["plain", "plain", "default_glob", "slash"]),
                 questions=st.sampled_from(["no", "long", "wide", "documents"]),
                 stop=st.one_of(st.none(), st.sampled_from(LOCAL_POINTS + RAY_POINTS)))
     def first_run(self, rows, kind, questions, stop):
@@ -235,9 +263,12 @@ class Lifecycle(RuleBasedStateMachine):
 
     stops = st.one_of(st.none(), st.none(), st.just("SIGTERM"), st.sampled_from(LOCAL_POINTS + RAY_POINTS))
 
-    @rule(kind=st.sampled_from(["plain", "plain", "relative", "slash", "inside_input", "default_glob"]),
+    # Weighted towards runs that go ahead (a plain path, --overwrite): refusals come cheap, while the
+    # kills, resumes and replacements they would stand in front of are what needs exercising
+    @rule(kind=st.sampled_from(["plain", "plain", "plain", "relative", "slash", "inside_input", "default_glob"]),
           top_k=st.sampled_from([1, 2]), questions=st.sampled_from(["no", "long", "wide", "documents"]),
-          limit=st.sampled_from([None, 5]), overwrite=st.booleans(), restart=st.booleans(), stop=stops,
+          limit=st.sampled_from([None, 5]), overwrite=st.sampled_from([True, True, False]), restart=st.booleans(),
+          stop=stops,
           backend=st.sampled_from(["torch", "torch", "onnxruntime"]))
     def run(self, kind, top_k, questions, limit, overwrite, restart, stop, backend):
         self.do_run(kind, top_k, questions, limit, overwrite, restart, stop, backend)
@@ -266,6 +297,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.do_run(**{**last, "stop": stop})
 
     def do_run(self, kind, top_k, questions, limit, overwrite, restart, stop, backend="torch"):
+        previous = self.last
         self.last = dict(kind=kind, top_k=top_k, questions=questions, limit=limit, overwrite=overwrite,
                          restart=restart, backend=backend)
         if stop is not None and stop != "SIGTERM" and stop not in self.points:
@@ -293,6 +325,8 @@ class Lifecycle(RuleBasedStateMachine):
         owned = {p: digest(p) for p in self.user_files(where)}
         before_output = digest(where)
         refusal, clears = self.expected(kind, key, where, overwrite, restart)
+        if refusal in ALWAYS_REFUSED:  # reruns repeat the last command that could run, not this one
+            self.last = previous
         resumable = self.rows_in_parts(where) if (not restart and self.work_job.get(where) == key
                                                   and self.output_job.get(where) != key) else 0
         if stop == "SIGTERM":
@@ -300,6 +334,8 @@ class Lifecycle(RuleBasedStateMachine):
         else:
             r = cli(args, env={"QA_BATCH_CRASH_AT": stop} if stop else None)
         context = f"steps {self.steps}\nexit {r.returncode}\nstderr:\n{r.stderr[-3000:]}"
+        # what the examples reached: a stop that never fires tests nothing
+        REACHED[(self.engine, stop, r.returncode, refusal)] += 1
 
         # documented exit codes only (a crash point is a SIGKILL the test itself asked for)
         assert r.returncode in EXIT_CODES | ({KILLED} if stop and stop != "SIGTERM" else set()), context
@@ -307,7 +343,7 @@ class Lifecycle(RuleBasedStateMachine):
         for path, d in owned.items():
             assert digest(path) == d, f"{path} changed\n{context}"
         # every path a message names exists
-        for path in re.findall(r"(?:parts are in|kept in) (\S+?)[:.,]?(?:\s|$)", r.stderr):
+        for path in re.findall(r"(?:parts are in|kept in) (\S*/\S*?)[:.,)]*(?:\s|$)", r.stderr):
             assert os.path.exists(path), f"a message names {path}, which is not there\n{context}"
         if refusal is not None:
             assert r.returncode == 2 and refusal in r.stderr, f"expected a refusal ({refusal})\n{context}"
@@ -334,21 +370,18 @@ class Lifecycle(RuleBasedStateMachine):
             self.output_job[where] = key
 
     def run_and_terminate(self, args, where: str) -> subprocess.CompletedProcess:
-        """SIGTERM once the first part (or shard) is written, or the run ends first."""
-        import time
-
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+        """SIGTERM once the first part (or shard) is written, or the run ends first. Each window
+        waits half a second before it is read (QA_BATCH_PAUSE_AT), so that a run of several
+        windows is still running when its first part appears."""
+        run = launch(args, env={"QA_BATCH_PAUSE_AT": "read:0.5"})
         before = self.rows_in_parts(where)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
+        while run.poll() is None and time.monotonic() < deadline:
             if self.rows_in_parts(where) > before:
-                proc.send_signal(signal.SIGTERM)
+                run.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.05)
-        out, err = proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return run.finish(timeout=300)
 
     # ------------------------------------------------------------------ checks
 
@@ -432,14 +465,25 @@ def examples(ci: int, long: int) -> int:
 
 
 def run_machine(machine, max_examples: int, steps: int) -> None:
+    """Run the examples; print what their runs reached (`pytest -s` shows it). With the long
+    profile's many examples, every crash point and the SIGTERM must have stopped some run."""
+    REACHED.clear()
     run_state_machine_as_test(machine, settings=settings(
         max_examples=max_examples, stateful_step_count=steps, deadline=None,
         derandomize=settings.default.derandomize, suppress_health_check=list(HealthCheck)))
+    seen = sorted(REACHED.items(), key=lambda kv: (str(kv[0][1]), kv[0][2], str(kv[0][3])))
+    print(f"\n{machine.engine}: {sum(REACHED.values())} runs in {max_examples} examples; (stop, exit, refused): runs",
+          {f"{stop} {code}" + (f" {refusal}" if refusal else ""): n for (_, stop, code, refusal), n in seen},
+          file=sys.stderr)
+    if max_examples >= 100:
+        killed = {stop for (_, stop, code, _) in REACHED if code in (KILLED, 143)}
+        missed = (set(machine.points) | {"SIGTERM"}) - killed
+        assert not missed, f"these stops never stopped a run: {sorted(missed)}"
 
 
 @pytest.mark.slow
 def test_the_local_engine_keeps_the_lifecycle_contract():
-    run_machine(Lifecycle, examples(ci=6, long=1000), steps=8)
+    run_machine(Lifecycle, examples(ci=40, long=1000), steps=8)
 
 
 @pytest.mark.slow
@@ -452,6 +496,63 @@ def test_the_ray_engine_keeps_the_lifecycle_contract():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         RayLifecycle.address = ray.get_runtime_context().gcs_address
-        run_machine(RayLifecycle, examples(ci=2, long=100), steps=4)
+        run_machine(RayLifecycle, examples(ci=6, long=100), steps=4)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_fork_server_runs_the_cli_as_python_does(tmp_path):
+    """The machines launch their runs from a fork server (tests/launcher.py); it must not change
+    what a run does. Each case runs once with `python -m jobs.cli` and once forked: a finished run,
+    the refusal of an existing output, a crash point (read from the environment at import), a
+    SIGTERM after the first part, and a usage error."""
+    source = pq.read_table(SAMPLE).select(["id", "passage", "question", "title"]).slice(12, 6)
+    pq.write_table(source, tmp_path / "in.parquet")
+    model = base_model()
+
+    def args(out: str, *more: str) -> list[str]:
+        return ["run", str(tmp_path / "in.parquet"), "-o", str(tmp_path / out), "--model", model, *FAST, *more]
+
+    def plain(argv, env=None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=run_env(env))
+
+    def summary(text: str) -> str:  # the summary line without its timings
+        return re.sub(r"[\d.]+ (s|rows/s|chunks/s)\b", "", text.strip().splitlines()[-1])
+
+    for name in ("a", "b"):  # finished; then the same output refused
+        p = plain(args(f"plain-{name}.parquet"))
+        out, err = p.communicate(timeout=300)
+        f = cli(args(f"fork-{name}.parquet"))
+        assert (p.returncode, f.returncode) == (0, 0), err + f.stderr
+        assert summary(err).replace("plain-", "fork-") == summary(f.stderr)
+    assert_same_answers(pq.read_table(tmp_path / "fork-a.parquet"), pq.read_table(tmp_path / "plain-a.parquet"))
+    p, f = plain(args("plain-a.parquet")), cli(args("fork-a.parquet"))
+    err = p.communicate(timeout=300)[1]
+    assert (p.returncode, f.returncode) == (2, 2)
+    assert err.replace("plain-", "fork-") == f.stderr
+
+    crash = {"QA_BATCH_CRASH_AT": "part_written:1"}  # pipeline.faults reads it at import
+    p, f = plain(args("plain-c.parquet"), crash), cli(args("fork-c.parquet"), crash)
+    p.communicate(timeout=300)
+    assert (p.returncode, f.returncode) == (KILLED, KILLED)
+    parts = {k: sorted(os.listdir(tmp_path / f"{k}-c.parquet.partial")) for k in ("plain", "fork")}
+    assert parts["plain"] == parts["fork"] and parts["plain"], parts
+
+    for way in ("plain", "fork"):  # SIGTERM once a part is written: stops after the batches in flight
+        argv = args(f"{way}-t.parquet", "--restart")
+        run = plain(argv) if way == "plain" else launch(argv)
+        partial = tmp_path / f"{way}-t.parquet.partial"
+        deadline = time.monotonic() + 120
+        while run.poll() is None and time.monotonic() < deadline and not list(partial.glob("part-*.parquet")):
+            time.sleep(0.02)
+        run.send_signal(signal.SIGTERM)
+        code, err = (run.wait(300), run.stderr.read()) if way == "plain" else (lambda r: (r.returncode, r.stderr))(
+            run.finish(300))
+        assert code == 143, err
+        assert "parts are in" in err or "kept in" in err, err
+
+    p, f = plain(["run", "--top-k", "nine"]), cli(["run", "--top-k", "nine"])
+    err = p.communicate(timeout=300)[1]
+    assert (p.returncode, f.returncode) == (2, 2) and err == f.stderr

@@ -578,3 +578,18 @@ def test_eval_reads_a_ray_output_folder_locally_and_on_s3(finished, s3, tmp_path
     r = run_cli("eval", "s3://nightly/eval-ray", "s3://nightly/eval-gold.parquet", env=s3["env"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.stdout
+
+
+def test_a_failure_names_the_shards_folder_only_when_shards_are_there(tmp_path):
+    """The lifecycle machine found a failure to reach the cluster saying "the finished shards are
+    kept in .../files", a folder that did not exist: the message names it only when it holds shards."""
+    from pipeline.engines.ray_engine import shards_kept
+    from pipeline.engines.shards import shard_name
+
+    files = tmp_path / "out.partial" / "files"
+    assert shards_kept(str(files), "rerun it") == "No shard was finished: rerun it"
+    files.mkdir(parents=True)
+    (files / (shard_name(0, 4) + ".inprogress")).write_bytes(b"")  # a write cut short is not a shard
+    assert shards_kept(str(files), "rerun it") == "No shard was finished: rerun it"
+    (files / shard_name(0, 4)).write_bytes(b"")
+    assert shards_kept(str(files), "rerun it") == f"The finished shards are kept in {files}: rerun it to resume"

@@ -292,9 +292,22 @@ def run_ray(config: RunConfig, stop_requested: threading.Event | None = None,
                 check(rj, actors, metadata, this_run, before)
         return publish(rj)
     except OSError as e:  # the driver's own reads and writes of the staging directory
-        raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or rj.job.parts.path}). The "
-                             f"finished shards are kept in {rj.shards}: fix the cause and rerun the same command "
-                             "to resume") from None
+        raise RuntimeFailure(f"{e.strerror or e} ({getattr(e, 'filename', None) or rj.job.parts.path}). "
+                             + shards_kept(rj.shards, "fix the cause and rerun the same command")) from None
+
+
+def shards_kept(files: str, then: str) -> str:
+    """How a failure message ends: where the finished shards wait for the rerun, or that there are
+    none yet (a failure before the first shard, such as a cluster that cannot be reached, must not
+    name a folder that does not exist)."""
+    try:
+        done = storage.is_dir(files) and any(parse_shard_name(storage.basename(f)) is not None
+                                             for f in storage.list_files(files))
+    except OSError:
+        done = False
+    if done:
+        return f"The finished shards are kept in {files}: {then} to resume"
+    return f"No shard was finished: {then}"
 
 
 def _import_ray():
@@ -750,5 +763,4 @@ def _job_failure(e: BaseException, files: str) -> QaBatchError:
         return (UsageError if ours.group(1) == "UsageError" else RuntimeFailure)(f"in a Ray actor: {ours.group(2)}")
     first = _ANY_ERROR.search(text)
     said = f"{first.group(1)}: {first.group(2)}" if first else (text.strip().splitlines() or [type(e).__name__])[0]
-    return RuntimeFailure(f"the Ray job failed: {said}. The finished shards are kept in {files}: "
-                          "rerun the same command to resume")
+    return RuntimeFailure(f"the Ray job failed: {said}. " + shards_kept(files, "rerun the same command"))
