@@ -151,6 +151,10 @@ class Lifecycle(RuleBasedStateMachine):
         # left parts in the work directory (a job is the key of its command: inputs, model, options)
         self.output_job: dict[str, str | None] = {}
         self.work_job: dict[str, str | None] = {}
+        # whether the work directory's parts are those the output was assembled from (a kill after the
+        # output was in place: only the clean-up is left), not a later attempt's (an --overwrite rerun
+        # of the same job, killed before it replaced the output)
+        self.published: dict[str, bool] = {}
         self.oracle: dict[str, pa.Table] = {}
         self.steps: list[str] = []
         self.last: dict | None = None  # the last run's options
@@ -248,7 +252,7 @@ class Lifecycle(RuleBasedStateMachine):
             return "names a folder", False
         work = self.work_job.get(where)  # the job whose parts wait in the work directory
         exists = os.path.exists(where)
-        finished = work is not None and self.output_job.get(where) == work  # only its clean-up was cut short
+        finished = self.finished(where)  # only its clean-up was cut short
         if exists and not overwrite and not finished:
             return "exists", False  # another job's output, refused before any model work
         if work is not None and not restart:
@@ -328,7 +332,7 @@ class Lifecycle(RuleBasedStateMachine):
         if refusal in ALWAYS_REFUSED:  # reruns repeat the last command that could run, not this one
             self.last = previous
         resumable = self.rows_in_parts(where) if (not restart and self.work_job.get(where) == key
-                                                  and self.output_job.get(where) != key) else 0
+                                                  and not self.finished(where)) else 0
         if stop == "SIGTERM":
             r = self.run_and_terminate(args, where)
         else:
@@ -354,8 +358,8 @@ class Lifecycle(RuleBasedStateMachine):
             assert digest(where) == before_output, f"a refused or failed run changed the output\n{context}"
             if clears:
                 self.work_job[where] = None
-            if r.returncode == 3:
-                self.work_job[where] = key if os.path.exists(manifest) else self.work_job.get(where)
+            if r.returncode == 3 and os.path.exists(manifest):
+                self.work_job[where], self.published[where] = key, False
             assert os.path.exists(manifest) == (self.work_job.get(where) is not None), \
                 f"the work directory {'went' if self.work_job.get(where) else 'appeared'}\n{context}"
             return
@@ -365,9 +369,15 @@ class Lifecycle(RuleBasedStateMachine):
             return
         # stopped (a kill or a signal): parts kept, and the output either untouched or this job's, whole
         self.work_job[where] = key if os.path.exists(manifest) else None
-        if digest(where) != before_output:
+        self.published[where] = digest(where) != before_output
+        if self.published[where]:
             assert_same_answers(long_output(where), self.fresh_run(key, options))
             self.output_job[where] = key
+
+    def finished(self, where: str) -> bool:
+        """The work directory holds the parts of the output in place: only their clean-up is left."""
+        work = self.work_job.get(where)
+        return work is not None and self.output_job.get(where) == work and self.published.get(where, False)
 
     def run_and_terminate(self, args, where: str) -> subprocess.CompletedProcess:
         """SIGTERM once the first part (or shard) is written, or the run ends first. Each window
