@@ -168,7 +168,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @initialize(rows=st.sampled_from([3, 6]), kind=st.sampled_from(["plain", "plain", "default_glob", "slash"]),
                 questions=st.sampled_from(["no", "long", "wide", "documents"]),
-                stop=st.one_of(st.none(), st.sampled_from(LOCAL_POINTS + RAY_POINTS)))
+                stop=st.one_of(st.none(), st.integers(0, 6)))
     def first_run(self, rows, kind, questions, stop):
         """Every example starts with an input and a run, often killed: the rest is what follows."""
         self.add_input(rows)
@@ -265,7 +265,8 @@ class Lifecycle(RuleBasedStateMachine):
             return "exists", clears
         return None, clears
 
-    stops = st.one_of(st.none(), st.none(), st.just("SIGTERM"), st.sampled_from(LOCAL_POINTS + RAY_POINTS))
+    # a crash point is drawn as a number, each machine's own points in turn (Ray's three got 3 draws in 40)
+    stops = st.one_of(st.none(), st.none(), st.just("SIGTERM"), st.integers(0, 6))
 
     # Weighted towards runs that go ahead (a plain path, --overwrite): refusals come cheap, while the
     # kills, resumes and replacements they would stand in front of are what needs exercising
@@ -304,8 +305,8 @@ class Lifecycle(RuleBasedStateMachine):
         previous = self.last
         self.last = dict(kind=kind, top_k=top_k, questions=questions, limit=limit, overwrite=overwrite,
                          restart=restart, backend=backend)
-        if stop is not None and stop != "SIGTERM" and stop not in self.points:
-            stop = None
+        if isinstance(stop, int):
+            stop = self.points[stop % len(self.points)]
         options = [*FAST, "--top-k", str(top_k)]
         if questions == "documents":  # the rows of one article are one document
             options += ["--document-col", "title"]
