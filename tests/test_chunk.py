@@ -158,3 +158,35 @@ def test_left_padding_tokenizers_put_the_passage_first(tmp_path):
         assert list(range(cs.ctx_start[c], cs.ctx_start[c] + cs.ctx_len[c])) == ctx
         offs = cs.offsets[cs.token_base[0] + cs.token_start[c] + np.arange(cs.ctx_len[c])]
         assert [tuple(o) for o in offs.tolist()] == [tuple(enc["offset_mapping"][c][j]) for j in ctx]
+
+
+def test_a_tokenizer_that_cannot_encode_is_refused_before_work_and_named_mid_run(bert_dir, tmp_path):
+    """The lifecycle machine changed a checkpoint's tokenizer.json twice and the run died with a
+    traceback (exit 1, "WordPiece error: Missing [UNK] token"). The CLI refuses such a model before
+    any work (exit 2, naming --model); a tokenizer that fails mid-run is a model failure (exit 3)."""
+    import json
+    import shutil
+
+    from tokenizers import models
+
+    from conftest import run_cli, write_parquet
+    from pipeline.errors import RuntimeFailure
+
+    broken = tmp_path / "model"
+    shutil.copytree(bert_dir, broken)
+    spec = json.loads((broken / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["[UNK-gone]"] = spec["model"]["vocab"].pop("[UNK]")
+    (broken / "tokenizer.json").write_text(json.dumps(spec))
+    data = write_parquet(tmp_path / "in.parquet", {"passage": ["the river runs north"], "question": ["where?"]})
+    r = run_cli("run", data, "-o", tmp_path / "out.parquet", "--model", broken)
+    assert r.returncode == 2, r.stderr
+    assert f"--model {broken}: the model's tokenizer cannot encode the text" in r.stderr, r.stderr
+    assert "Missing [UNK] token" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.parquet.partial").exists()
+
+    chunker = Chunker(AutoTokenizer.from_pretrained(bert_dir), 32, 8)
+    vocab = dict(chunker.backend.get_vocab())
+    vocab["[UNK-gone]"] = vocab.pop("[UNK]")
+    chunker.backend.model = models.WordPiece(vocab, unk_token="[UNK]")  # broken after the probe
+    with pytest.raises(RuntimeFailure, match="tokenizer cannot encode the text"):
+        chunker(["a passage with \u2603 in it"], ["what?"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import RunConfig
+from ..errors import UsageError
 from ..models import onnx_backend
 from ..models.checkpoint import LoadedModel
 from ..quality import calibrate
@@ -57,10 +58,14 @@ class Stages:
         on_cuda = loaded.device.type == "cuda"
         batch_size = config.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE)
         chunk_k = max(config.top_k, 2)
+        try:  # the chunker encodes a probe text: a tokenizer that cannot encode is refused here
+            chunker = Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
+                              config.max_question_len if config.truncate_question else None)
+        except UsageError as e:
+            raise UsageError(f"--model {config.model}: {e}") from None
         return cls(
             config=config, loaded=loaded,
-            chunker=Chunker(loaded.tokenizer, config.max_seq_len, config.doc_stride,
-                            config.max_question_len if config.truncate_question else None),
+            chunker=chunker,
             predictor=Predictor(loaded.model, loaded.device, config.max_answer_len, chunk_k,
                                 workers=1 if on_cuda else cpu_workers, mask_4d=loaded.mask_4d,
                                 mask_always=loaded.mask_always),

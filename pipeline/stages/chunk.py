@@ -31,7 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..errors import RuntimeFailure, UsageError
 from ..wording import plural
+
+# Encoded once when a Chunker is made: symbols of scripts few vocabularies hold (a snowman, Gothic,
+# Cyrillic multiocular O, a rune; BERT's uncased vocabulary holds none) send a WordPiece tokenizer to
+# its unknown token, so a tokenizer that cannot encode text fails here, before any work
+PROBE = "qa-batch probe \u2603 \U00010330 \ua66e \u16a0"
 
 
 @dataclass(frozen=True)
@@ -207,13 +213,22 @@ class Chunker:
         self.max_seq_len = max_seq_len
         self.doc_stride = doc_stride
         self.max_question_len = max_question_len  # None: never cut a question (too long: row error)
+        try:
+            self._encode([PROBE], with_offsets=True)
+        except RuntimeFailure as e:
+            raise UsageError(str(e)) from None
 
     def _encode(self, texts: list[str], with_offsets: bool) -> list:
         if not texts:
             return []
-        if not with_offsets and hasattr(self.backend, "encode_batch_fast"):
-            return self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        return self.backend.encode_batch(texts, add_special_tokens=False)
+        try:
+            if not with_offsets and hasattr(self.backend, "encode_batch_fast"):
+                return self.backend.encode_batch_fast(texts, add_special_tokens=False)
+            return self.backend.encode_batch(texts, add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain Exception
+            raise RuntimeFailure(
+                f"the model's tokenizer cannot encode the text ({e}): its files are inconsistent (a WordPiece "
+                "vocabulary must hold its unknown token); save the tokenizer again with the checkpoint") from None
 
     def question_tokens(self, questions: list[str]) -> list[np.ndarray]:
         """Each question's token ids as its chunks hold them (its first `max_question_len` with
