@@ -176,3 +176,28 @@ class Run:
             done = subprocess.CompletedProcess(self.args, self.returncode, o.read(), e.read())
         shutil.rmtree(self.folder, ignore_errors=True)
         return done
+
+
+class Exec:
+    """The same interface over a plain `python -m jobs.cli` process (the Ray machine's runs: their
+    time goes to Ray's workers, and the driver's Ray client is best left a process of its own)."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
