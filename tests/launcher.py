@@ -9,18 +9,20 @@ imports qa-batch's own code afresh (so everything qa-batch reads from the enviro
 import, such as the crash points of `pipeline.faults`, is read as under `python -m jobs.cli`),
 runs `jobs.cli` as `__main__`, and ends as the interpreter does (non-daemon threads joined,
 exit handlers run, streams flushed, the exit code of `SystemExit`, a traceback and 1 for an
-uncaught exception), short of the module teardown, which crashes in a forked child of torch. Its pid is the test's to signal. Only the libraries below
-are imported before the fork, with the same base environment the runs get.
+uncaught exception), short of the module teardown, which crashes in a forked child of torch.
+Its pid is the test's to signal. Only the libraries below are imported before the fork, with
+the same base environment the runs get.
 
 `tests/test_lifecycle.py::test_the_fork_server_runs_the_cli_as_python_does` holds it to a
-plain `python -m jobs.cli` on a finished run, a refusal, a crash point and a SIGTERM.
+plain `python -m jobs.cli` (`Exec`) on a finished run, a refusal, a crash point, a SIGTERM and
+a usage error.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import atexit
 import select
 import shutil
 import signal

@@ -532,45 +532,34 @@ def test_the_fork_server_runs_the_cli_as_python_does(tmp_path):
     def args(out: str, *more: str) -> list[str]:
         return ["run", str(tmp_path / "in.parquet"), "-o", str(tmp_path / out), "--model", model, *FAST, *more]
 
-    def plain(argv, env=None) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=run_env(env))
-
     def summary(text: str) -> str:  # the summary line without its timings
         return re.sub(r"[\d.]+ (s|rows/s|chunks/s)\b", "", text.strip().splitlines()[-1])
 
     for name in ("a", "b"):  # finished; then the same output refused
-        p = plain(args(f"plain-{name}.parquet"))
-        out, err = p.communicate(timeout=300)
-        f = cli(args(f"fork-{name}.parquet"))
-        assert (p.returncode, f.returncode) == (0, 0), err + f.stderr
-        assert summary(err).replace("plain-", "fork-") == summary(f.stderr)
+        p, f = cli(args(f"plain-{name}.parquet"), fork=False), cli(args(f"fork-{name}.parquet"))
+        assert (p.returncode, f.returncode) == (0, 0), p.stderr + f.stderr
+        assert summary(p.stderr).replace("plain-", "fork-") == summary(f.stderr)
     assert_same_answers(pq.read_table(tmp_path / "fork-a.parquet"), pq.read_table(tmp_path / "plain-a.parquet"))
-    p, f = plain(args("plain-a.parquet")), cli(args("fork-a.parquet"))
-    err = p.communicate(timeout=300)[1]
+    p, f = cli(args("plain-a.parquet"), fork=False), cli(args("fork-a.parquet"))
     assert (p.returncode, f.returncode) == (2, 2)
-    assert err.replace("plain-", "fork-") == f.stderr
+    assert p.stderr.replace("plain-", "fork-") == f.stderr
 
     crash = {"QA_BATCH_CRASH_AT": "part_written:1"}  # pipeline.faults reads it at import
-    p, f = plain(args("plain-c.parquet"), crash), cli(args("fork-c.parquet"), crash)
-    p.communicate(timeout=300)
+    p, f = cli(args("plain-c.parquet"), crash, fork=False), cli(args("fork-c.parquet"), crash)
     assert (p.returncode, f.returncode) == (KILLED, KILLED)
     parts = {k: sorted(os.listdir(tmp_path / f"{k}-c.parquet.partial")) for k in ("plain", "fork")}
     assert parts["plain"] == parts["fork"] and parts["plain"], parts
 
     for way in ("plain", "fork"):  # SIGTERM once a part is written: stops after the batches in flight
-        argv = args(f"{way}-t.parquet", "--restart")
-        run = plain(argv) if way == "plain" else launch(argv)
+        run = launch(args(f"{way}-t.parquet", "--restart"), fork=way == "fork")
         partial = tmp_path / f"{way}-t.parquet.partial"
         deadline = time.monotonic() + 120
         while run.poll() is None and time.monotonic() < deadline and not list(partial.glob("part-*.parquet")):
             time.sleep(0.02)
         run.send_signal(signal.SIGTERM)
-        code, err = (run.wait(300), run.stderr.read()) if way == "plain" else (lambda r: (r.returncode, r.stderr))(
-            run.finish(300))
-        assert code == 143, err
-        assert "parts are in" in err or "kept in" in err, err
+        done = run.finish(300)
+        assert done.returncode == 143, done.stderr
+        assert "parts are in" in done.stderr or "kept in" in done.stderr, done.stderr
 
-    p, f = plain(["run", "--top-k", "nine"]), cli(["run", "--top-k", "nine"])
-    err = p.communicate(timeout=300)[1]
-    assert (p.returncode, f.returncode) == (2, 2) and err == f.stderr
+    p, f = cli(["run", "--top-k", "nine"], fork=False), cli(["run", "--top-k", "nine"])
+    assert (p.returncode, f.returncode) == (2, 2) and p.stderr == f.stderr
