@@ -292,6 +292,18 @@ def test_what_a_killed_export_left_in_the_cache_is_pruned(tmp_path):
     assert sorted(os.listdir(root)) == [".tmp-fresh", "abc123"]
 
 
+def test_the_logit_check_ignores_padding_and_is_relative_to_the_scale():
+    """Both checks against PyTorch (the export's and OpenVINO's) measure this: the worst difference
+    over real tokens, divided by the largest logit (at least 1). Hand-checked values."""
+    want = (torch.tensor([[10.0, -20.0, 99.0]]), torch.tensor([[0.5, 0.25, 0.0]]))
+    valid = torch.tensor([[True, True, False]])  # the third token is padding: its 99 counts for nothing
+    got = (torch.tensor([[10.0, -19.0, 0.0]]).numpy(), torch.tensor([[0.5, 0.75, 7.0]]))  # numpy or torch
+    # start: 1 off on a scale of 20 -> 0.05; end: 0.5 off on a scale below 1, so 1 -> 0.5
+    assert onnx_backend._relative_difference(want, got, valid) == pytest.approx(0.5)
+    assert onnx_backend._relative_difference(want[:1], got[:1], valid) == pytest.approx(0.05)
+    assert onnx_backend._relative_difference(want, want, valid) == 0.0
+
+
 def test_an_export_whose_logits_differ_from_pytorch_is_refused_and_not_cached(tmp_path, bert_dir, monkeypatch):
     """README (ONNX Runtime): every export is checked against PyTorch on shapes it never saw; a graph
     whose logits differ is refused (exit 2, saying by how much) and nothing is left in the cache."""

@@ -391,10 +391,15 @@ def _worst_difference(reference, model, loaded) -> float:
     with torch.no_grad():
         want = _Logits(reference)(**probe)
     got = model(**probe)
-    valid = probe["attention_mask"].bool()
+    return _relative_difference(want, (got.start_logits, got.end_logits), probe["attention_mask"].bool())
+
+
+def _relative_difference(want, got, valid: torch.Tensor) -> float:
+    """The largest difference of the `got` logits (start, end) from `want`'s over the tokens that
+    are not padding, relative to their scale (at least 1)."""
     worst = 0.0
-    for w, g in zip(want, (got.start_logits, got.end_logits)):
-        w = w.float()
+    for w, g in zip(want, got):
+        w, g = w.float(), torch.as_tensor(g).float()
         scale = max(1.0, float(w[valid].abs().max()))
         worst = max(worst, float((w - g)[valid].abs().max()) / scale)
     return worst
@@ -690,10 +695,7 @@ def export_float32(loaded, path: str, workdir: str) -> None:
             got = session.run(list(OUTPUTS), {n: t.numpy() for n, t in probe.items()})
         except Exception as e:
             raise ExportError(f"the exported graph fails on a batch of {batch} x {length} tokens ({_why(e)})") from None
-        valid = probe["attention_mask"].bool()
-        for w, g in zip(want, got):
-            scale = max(1.0, float(w[valid].abs().max()))
-            worst = max(worst, float((w - torch.from_numpy(g))[valid].abs().max()) / scale)
+        worst = max(worst, _relative_difference(want, got, probe["attention_mask"].bool()))
     if not worst <= TOLERANCE:
         raise ExportError(f"the exported graph's logits differ from PyTorch's by {worst:.2g} "
                           f"(relative; at most {TOLERANCE} allowed)")
