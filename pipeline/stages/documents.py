@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from ..errors import UsageError
 from .answers import Answer, RowAnswer
 from .merge import choose
+from .write import answer_fields
 from .read import InputPlan, RowBatch
 
 CANDIDATE = pa.struct([("text", pa.large_string()), ("start", pa.int64()), ("end", pa.int64()),
@@ -91,25 +92,8 @@ def answer_struct(plan: InputPlan) -> pa.DataType:
 def document_schema(plan: InputPlan, grouping: Grouping, top_k: int) -> pa.Schema:
     """The output: one row per (document, question); documented in README.md ("Output schema")."""
     doc = [pa.field(grouping.column, plan.document_type)] if grouping.column else []
-    fields = [
-        *doc,
-        *_asked(plan),
-        pa.field("question", pa.large_string()),
-        pa.field("answer", pa.large_string()),
-        pa.field("passage", passage_type(plan)),
-        pa.field("answer_start", pa.int64()),
-        pa.field("answer_end", pa.int64()),
-        pa.field("score", pa.float32()),
-        pa.field("confidence", pa.float32()),
-        pa.field("null_score", pa.float32()),
-        pa.field("runner_up_score", pa.float32()),
-        pa.field("log_norm", pa.float32()),
-        pa.field("chunks", pa.int32()),
-        pa.field("passages", pa.int32()),
-        pa.field("error", pa.string()),
-    ]
-    if top_k > 1:
-        fields.append(pa.field("answers", pa.list_(answer_struct(plan))))
+    fields = [*doc, *_asked(plan),
+              *answer_fields(top_k, answer_struct(plan), passage=passage_type(plan), passages=True)]
     names = [f.name for f in fields]
     if grouping.column and names.count(grouping.column) > 1:
         raise UsageError(f"--document-col {grouping.column}: the output has a column {grouping.column!r} of its own; "

@@ -25,18 +25,14 @@ ANSWER_STRUCT = pa.struct([
 METADATA_KEY = b"qa_batch"
 
 
-def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
-    """The output columns; documented in README.md ("Output schema"). With a question list: one
-    row per (input row, question), the question named by its `field`, else its `question_index`."""
-    key = pa.field(plan.id_col, plan.id_type.value_type if pa.types.is_dictionary(plan.id_type)
-                   else plan.id_type) if plan.id_col else pa.field("row", pa.int64())
-    asked = [] if plan.questions is None else [
-        pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
-    fields = [
-        key,
-        *asked,
+def answer_fields(top_k: int, answer_struct: pa.DataType, passage: pa.DataType | None = None,
+                  passages: bool = False) -> list[pa.Field]:
+    """The answer's columns, shared by both output shapes: a document's answer adds the passage
+    it was found in (after `answer`) and how many passages it had (after `chunks`)."""
+    return [
         pa.field("question", pa.large_string()),
         pa.field("answer", pa.large_string()),
+        *([pa.field("passage", passage)] if passage is not None else []),
         pa.field("answer_start", pa.int64()),
         pa.field("answer_end", pa.int64()),
         pa.field("score", pa.float32()),
@@ -45,10 +41,20 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
         pa.field("runner_up_score", pa.float32()),
         pa.field("log_norm", pa.float32()),
         pa.field("chunks", pa.int32()),
+        *([pa.field("passages", pa.int32())] if passages else []),
         pa.field("error", pa.string()),
+        *([pa.field("answers", pa.list_(answer_struct))] if top_k > 1 else []),
     ]
-    if top_k > 1:
-        fields.append(pa.field("answers", pa.list_(ANSWER_STRUCT)))
+
+
+def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
+    """The output columns; documented in README.md ("Output schema"). With a question list: one
+    row per (input row, question), the question named by its `field`, else its `question_index`."""
+    key = pa.field(plan.id_col, plan.id_type.value_type if pa.types.is_dictionary(plan.id_type)
+                   else plan.id_type) if plan.id_col else pa.field("row", pa.int64())
+    asked = [] if plan.questions is None else [
+        pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
+    fields = [key, *asked, *answer_fields(top_k, ANSWER_STRUCT)]
     taken = {f.name for f in fields}
     for name, t in zip(plan.keep_columns, plan.keep_types):
         if name in (plan.id_col, plan.question_col if plan.questions is None else None) and name in taken:
