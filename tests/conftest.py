@@ -47,6 +47,23 @@ def bert_tokenizer(bert_dir):
     return AutoTokenizer.from_pretrained(bert_dir)
 
 
+# small chunks and two-row windows: a few rows of the sample still make several windows and parts
+FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory, checkpoints) -> dict:
+    """Two nights' inputs of different sizes (4 and 6 rows), so that a table partition's rows say
+    which night wrote them; for the table-format tests (Delta, Iceberg, lineage)."""
+    base = tmp_path_factory.mktemp("nights")
+    sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
+    inputs = {}
+    for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
+        inputs[name] = str(base / f"{name}.parquet")
+        pq.write_table(sample.slice(start, n), inputs[name])
+    return {"inputs": inputs, "model": checkpoints["bert"], "base": base}
+
+
 def write_parquet(path, columns: dict, schema: pa.Schema | None = None) -> str:
     pq.write_table(pa.table(columns, schema=schema), str(path))
     return str(path)

@@ -15,24 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import FAST, run_cli
 
 deltalake = pytest.importorskip("deltalake")
-
-FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
-
-
-@pytest.fixture(scope="module")
-def nights(tmp_path_factory, checkpoints):
-    """Two nights' inputs of different sizes, so that a partition's rows say which night wrote them."""
-    base = tmp_path_factory.mktemp("delta")
-    sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
-    inputs = {}
-    for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
-        inputs[name] = str(base / f"{name}.parquet")
-        pq.write_table(sample.slice(start, n), inputs[name])
-    return {"inputs": inputs, "model": checkpoints["bert"], "base": base}
-
 
 def nightly(nights, table, night: str, date: str, *extra, env=None):
     return run_cli("run", nights["inputs"][night], "-o", table, "--model", nights["model"], "--table-format", "delta",

@@ -6,26 +6,11 @@ from __future__ import annotations
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import FAST, run_cli
 
 pytest.importorskip("pyiceberg")
-
-FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
-
-
-@pytest.fixture(scope="module")
-def nights(tmp_path_factory, checkpoints):
-    base = tmp_path_factory.mktemp("iceberg")
-    sample = pq.read_table(SAMPLE).select(["id", "passage", "question"])
-    inputs = {}
-    for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
-        inputs[name] = str(base / f"{name}.parquet")
-        pq.write_table(sample.slice(start, n), inputs[name])
-    return {"inputs": inputs, "model": checkpoints["bert"]}
-
 
 def catalog_env(tmp_path) -> dict:
     (tmp_path / "warehouse").mkdir(exist_ok=True)

@@ -13,12 +13,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli
+from conftest import FAST, ROOT, SAMPLE, run_cli
 
 pytest.importorskip("openlineage.client")
-
-FAST = ("--max-seq-len", "48", "--doc-stride", "16", "--rows-per-window", "2", "--quiet")
-
 
 def transport(path) -> dict:
     return {"OPENLINEAGE__TRANSPORT__TYPE": "file", "OPENLINEAGE__TRANSPORT__LOG_FILE_PATH": str(path),
