@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import FAMILIES, make_checkpoint  # noqa: E402
+from tiny_models import FAMILIES, Models, TableModel, make_checkpoint  # noqa: E402
 
 # Generated tests: a fixed, bounded set of examples in CI (same examples every run, so CI is
 # stable); `pytest --hypothesis-profile=long` draws many more, new ones each time.
@@ -33,6 +33,21 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Tiny random-weight QA checkpoints on disk, one per architecture family."""
     base = tmp_path_factory.mktemp("checkpoints")
     return {fam: make_checkpoint(str(base / fam), fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints) -> Models:
+    """The loaded tiny BERT and RoBERTa, and a table model (logits by token id: exact, many ties)."""
+    import torch
+
+    from pipeline.models.checkpoint import LoadedModel, load_model
+
+    out = {fam: load_model(checkpoints[fam], "cpu") for fam in ("bert", "roberta")}
+    tok = out["bert"].tokenizer
+    out["table"] = LoadedModel(model=TableModel(len(tok), seed=0), tokenizer=tok, device=torch.device("cpu"),
+                               dtype=torch.float32, input_names=("input_ids", "attention_mask"),
+                               max_positions=512, model_id="table", revision=None)
+    return Models(out)
 
 
 @pytest.fixture(scope="session")

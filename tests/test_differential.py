@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import RunConfig
 from pipeline.engines.local import run
-from pipeline.models.checkpoint import LoadedModel, load_model
+from pipeline.models.checkpoint import LoadedModel
 from tiny_models import CORPUS
 
 TOL = 1e-4
@@ -80,32 +79,6 @@ def options(draw) -> dict:
 
 # ---------------------------------------------------------------------------- models
 
-class TableModel(torch.nn.Module):
-    """Logits looked up by token id: the same in any batch, any padding. Few values: many ties."""
-
-    def __init__(self, vocab_size: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.start = torch.randint(-4, 5, (vocab_size,), generator=g).float() / 2
-        self.end = torch.randint(-4, 5, (vocab_size,), generator=g).float() / 2
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        return SimpleNamespace(start_logits=self.start[input_ids], end_logits=self.end[input_ids])
-
-
-class Models(dict):
-    def __repr__(self) -> str:  # hypothesis prints its arguments: keep failure reports short
-        return "models"
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints) -> dict[str, LoadedModel]:
-    out = {fam: load_model(checkpoints[fam], "cpu") for fam in ("bert", "roberta")}
-    tok = out["bert"].tokenizer
-    out["table"] = LoadedModel(model=TableModel(len(tok), seed=0), tokenizer=tok, device=torch.device("cpu"),
-                               dtype=torch.float32, input_names=("input_ids", "attention_mask"),
-                               max_positions=512, model_id="table", revision=None)
-    return Models(out)
 
 
 def forward(loaded: LoadedModel, enc: dict) -> tuple[np.ndarray, np.ndarray]:

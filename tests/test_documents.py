@@ -29,7 +29,7 @@ from pipeline.engines.resume import WorkDir
 from pipeline.errors import UsageError
 from pipeline.stages.wide import to_long
 from pipeline.stages.write import read_metadata
-from test_differential import TOL, models, options, reference_row, texts  # noqa: F401  (models: the fixture)
+from test_differential import TOL, options, reference_row, texts
 from tiny_models import CORPUS
 
 # ---------------------------------------------------------------------------- the reference

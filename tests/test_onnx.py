@@ -31,7 +31,8 @@ from pipeline.engines.local import run  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 from pipeline.models.checkpoint import load_model  # noqa: E402
 from conftest import SAMPLE, run_cli  # noqa: E402
-from test_differential import Models, answer, options, rows_of  # noqa: E402
+from test_differential import answer, options, rows_of  # noqa: E402
+from tiny_models import Models  # noqa: E402
 
 TOL = 1e-4
 

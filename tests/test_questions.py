@@ -34,7 +34,7 @@ from pipeline.errors import UsageError
 from pipeline.stages.questions import QuestionList, load
 from pipeline.stages.wide import ANSWER_COLUMNS, DOCUMENT_ONLY, to_long, wide_name
 from pipeline.stages.write import read_metadata
-from test_differential import models, options, texts  # noqa: F401  (models: the fixture)
+from test_differential import options, texts
 
 # ---------------------------------------------------------------------------- generated
 
