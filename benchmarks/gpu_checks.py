@@ -3,6 +3,7 @@ loudly, the reports go under $OUT, and the exit code is 1 if any failed.
 
     python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --out $OUT [--trained DIR --cpu-answers DIR]
     python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --device cpu     # a dry run of the plumbing, no GPU
+    python3 benchmarks/gpu_checks.py --only trained --tiny /tmp/tiny --trained DIR --inputs DIR --cpu-answers DIR
 
 With --device cpu every check runs with cpu in place of cuda (the synchronisation check,
 which needs CUDA, is skipped): it proves the script itself before GPU time is spent on it.
@@ -175,6 +176,7 @@ def main() -> int:
     ap.add_argument("--inputs", help="folder of input .parquet files for the trained model")
     ap.add_argument("--cpu-answers", help="their CPU float32 answers (same file names), made before the call")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the plumbing")
+    ap.add_argument("--only", choices=["tiny", "trained"], help="the tiny model's checks, or the trained model's")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -184,13 +186,16 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     sample = os.path.join(ROOT, "data", "sample.parquet")
-    if DEVICE == "cuda":
-        no_sync(args.tiny)
-    two_workers(args.tiny, sample, args.work)
-    position_cap(args.work, sample)
-    oom_in_engine(args.tiny, sample, args.work)
-    ray_gpu(args.tiny, sample, args.work)
-    if args.trained:
+    if args.only != "trained":
+        if DEVICE == "cuda":
+            no_sync(args.tiny)
+        two_workers(args.tiny, sample, args.work)
+        position_cap(args.work, sample)
+        oom_in_engine(args.tiny, sample, args.work)
+        ray_gpu(args.tiny, sample, args.work)
+    if args.only == "trained" and not args.trained:
+        ap.error("--only trained needs --trained, --inputs and --cpu-answers")
+    if args.trained and args.only != "tiny":
         trained(args.trained, args.inputs, args.cpu_answers, args.work)
     with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
