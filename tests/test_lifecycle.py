@@ -480,7 +480,10 @@ class RayLifecycle(Lifecycle):
 
 
 def examples(ci: int, long: int) -> int:
-    """A fixed set in CI; the long profile's many (`--hypothesis-profile=long`)."""
+    """A fixed set in CI; the long profile's many (`--hypothesis-profile=long`). QA_LIFECYCLE_EXAMPLES=N
+    runs N instead: the long profile split over processes, each with its own --hypothesis-seed."""
+    if os.environ.get("QA_LIFECYCLE_EXAMPLES"):
+        return int(os.environ["QA_LIFECYCLE_EXAMPLES"])
     return long if settings.default.max_examples > 25 else ci
 
 
