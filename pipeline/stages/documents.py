@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from ..errors import UsageError
 from .answers import Answer, RowAnswer
 from .merge import choose
-from .write import answer_fields
+from .write import answer_fields, asked_fields
 from .read import InputPlan, RowBatch
 
 CANDIDATE = pa.struct([("text", pa.large_string()), ("start", pa.int64()), ("end", pa.int64()),
@@ -62,19 +62,13 @@ def passage_type(plan: InputPlan) -> pa.DataType:
     return plan.id_type.value_type if pa.types.is_dictionary(plan.id_type) else plan.id_type
 
 
-def _asked(plan: InputPlan) -> list[pa.Field]:
-    if plan.questions is None:
-        return []
-    return [pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
-
-
 def pair_schema(plan: InputPlan, grouping: Grouping) -> pa.Schema:
     """A window's table (a part, a Ray shard): one row per (passage, question) pair."""
     doc = [pa.field(grouping.column, plan.document_type)] if grouping.column else []
     return pa.schema([
         *doc,
         pa.field("passage", passage_type(plan)),
-        *_asked(plan),
+        *asked_fields(plan),
         pa.field("question", pa.large_string()),
         pa.field("candidates", pa.list_(CANDIDATE)),
         pa.field("null_score", pa.float32()),  # null: the pair could not be answered (see `error`)
@@ -92,7 +86,7 @@ def answer_struct(plan: InputPlan) -> pa.DataType:
 def document_schema(plan: InputPlan, grouping: Grouping, top_k: int) -> pa.Schema:
     """The output: one row per (document, question); documented in README.md ("Output schema")."""
     doc = [pa.field(grouping.column, plan.document_type)] if grouping.column else []
-    fields = [*doc, *_asked(plan),
+    fields = [*doc, *asked_fields(plan),
               *answer_fields(top_k, answer_struct(plan), passage=passage_type(plan), passages=True)]
     names = [f.name for f in fields]
     if grouping.column and names.count(grouping.column) > 1:

@@ -25,6 +25,14 @@ ANSWER_STRUCT = pa.struct([
 METADATA_KEY = b"qa_batch"
 
 
+def asked_fields(plan: InputPlan) -> list[pa.Field]:
+    """With a question list, the column naming each row's question: its `field`, else its
+    `question_index`; none for a table of pairs. Shared by both output shapes."""
+    if plan.questions is None:
+        return []
+    return [pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
+
+
 def answer_fields(top_k: int, answer_struct: pa.DataType, passage: pa.DataType | None = None,
                   passages: bool = False) -> list[pa.Field]:
     """The answer's columns, shared by both output shapes: a document's answer adds the passage
@@ -52,9 +60,7 @@ def output_schema(plan: InputPlan, top_k: int) -> pa.Schema:
     row per (input row, question), the question named by its `field`, else its `question_index`."""
     key = pa.field(plan.id_col, plan.id_type.value_type if pa.types.is_dictionary(plan.id_type)
                    else plan.id_type) if plan.id_col else pa.field("row", pa.int64())
-    asked = [] if plan.questions is None else [
-        pa.field("field", pa.string()) if plan.questions.fields is not None else pa.field("question_index", pa.int32())]
-    fields = [key, *asked, *answer_fields(top_k, ANSWER_STRUCT)]
+    fields = [key, *asked_fields(plan), *answer_fields(top_k, ANSWER_STRUCT)]
     taken = {f.name for f in fields}
     for name, t in zip(plan.keep_columns, plan.keep_types):
         if name in (plan.id_col, plan.question_col if plan.questions is None else None) and name in taken:
