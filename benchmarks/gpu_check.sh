@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine with no network (see BENCHMARKS.md, "On a GPU"). What it carries in
+# One prepared run on a CUDA machine with no network (see BENCHMARKS.md, "How to run"). What it carries in
 # .whl/ is built beforehand by benchmarks/gpu_prepare.sh, one part per call (64 MiB each at most):
 #   PART=checks (default)  the CPU suite's CUDA-path tests, the signal-and-resume tests, benchmarks/gpu_checks.py
 #                          on a tiny model (each check PASS/FAIL; Ray's GPU actors with the carried Ray), then the
@@ -39,8 +39,7 @@ fi
 
 if [ "$PART" = trained ]; then
 echo "== trained model on CUDA against CPU float32 answers of commit $(cat .whl/cpu-answers/COMMIT)"
-python3 tests/tiny_models.py /tmp/tiny >/dev/null || fail "tiny checkpoint"
-python3 benchmarks/gpu_checks.py --only trained --tiny /tmp/tiny --out "$OUT" --trained .whl/minilm-squad2 \
+python3 benchmarks/gpu_checks.py --only trained --out "$OUT" --trained .whl/minilm-squad2 \
   --inputs .whl/trained-inputs --cpu-answers .whl/cpu-answers 2>&1 | tee "$OUT/gpu_checks.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu_checks.py (see gpu_checks.json)"
 echo "== answer quality on CUDA, trained MiniLM: float32 vs float16 vs bfloat16 (F1, same span)"

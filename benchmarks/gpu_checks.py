@@ -3,7 +3,7 @@ loudly, the reports go under $OUT, and the exit code is 1 if any failed.
 
     python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --out $OUT [--trained DIR --cpu-answers DIR]
     python3 benchmarks/gpu_checks.py --tiny /tmp/tiny --device cpu     # a dry run of the plumbing, no GPU
-    python3 benchmarks/gpu_checks.py --only trained --tiny /tmp/tiny --trained DIR --inputs DIR --cpu-answers DIR
+    python3 benchmarks/gpu_checks.py --only trained --trained DIR --inputs DIR --cpu-answers DIR
 
 With --device cpu every check runs with cpu in place of cuda (the synchronisation check,
 which needs CUDA, is skipped): it proves the script itself before GPU time is spent on it.
@@ -169,7 +169,7 @@ def trained(model: str, inputs: str, cpu_answers: str, work: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", required=True, help="a tiny checkpoint (tests/tiny_models.py DIR)")
+    ap.add_argument("--tiny", help="a tiny checkpoint (tests/tiny_models.py DIR); not for --only trained")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/qa-out"))
     ap.add_argument("--work", default="/tmp/gpu-checks")
     ap.add_argument("--trained", help="the trained checkpoint")
@@ -178,6 +178,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the plumbing")
     ap.add_argument("--only", choices=["tiny", "trained"], help="the tiny model's checks, or the trained model's")
     args = ap.parse_args()
+    if args.only != "trained" and not args.tiny:
+        ap.error("--tiny is needed, but for --only trained")
+    if args.only == "trained" and not (args.trained and args.inputs and args.cpu_answers):
+        ap.error("--only trained needs --trained, --inputs and --cpu-answers")
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -193,8 +197,6 @@ def main() -> int:
         position_cap(args.work, sample)
         oom_in_engine(args.tiny, sample, args.work)
         ray_gpu(args.tiny, sample, args.work)
-    if args.only == "trained" and not args.trained:
-        ap.error("--only trained needs --trained, --inputs and --cpu-answers")
     if args.trained and args.only != "tiny":
         trained(args.trained, args.inputs, args.cpu_answers, args.work)
     with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:

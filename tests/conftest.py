@@ -76,7 +76,7 @@ def nights(tmp_path_factory, checkpoints) -> dict:
     for name, start, n in (("monday", 0, 4), ("tuesday", 10, 6)):
         inputs[name] = str(base / f"{name}.parquet")
         pq.write_table(sample.slice(start, n), inputs[name])
-    return {"inputs": inputs, "model": checkpoints["bert"], "base": base}
+    return {"inputs": inputs, "model": checkpoints["bert"]}
 
 
 def write_parquet(path, columns: dict, schema: pa.Schema | None = None) -> str:
