@@ -10,7 +10,6 @@ set -uo pipefail  # every check runs; any failure makes the exit code 1 (see fai
 PART=${PART:-checks}
 OUT=${OUT:-/tmp/qa-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ref .whl/transformers-*.whl .whl/tokenizers-*.whl
 if compgen -G ".whl/site/*.whl" >/dev/null; then  # Ray and what it needs beyond the image
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/*.whl
 fi
@@ -21,6 +20,7 @@ failed=0
 fail() { echo "GPU CHECK FAILED: $*" | tee -a "$OUT/failures.txt"; failed=1; }
 
 if [ "$PART" = checks ]; then
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ref .whl/transformers-*.whl .whl/tokenizers-*.whl
 echo "== CUDA checks"
 # --device auto is CUDA here: test_resume's SIGTERM/SIGINT, second-signal and crash-point runs resume on CUDA
 python3 -m pytest -q -p no:cacheprovider tests/test_spans.py tests/test_engine.py tests/test_cuda_paths.py \

@@ -24,10 +24,10 @@ download() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$@"
 }
 cp "$SHARED/data/squad_v2_dev_2articles.json" .whl/squad.json
-download .whl transformers==5.2.0 tokenizers==0.22.2  # the old pipeline, installed apart (/tmp/ref)
 
 case "$PART" in
 checks)
+  download .whl transformers==5.2.0 tokenizers==0.22.2  # the old pipeline, installed apart (/tmp/ref)
   "$PY" - <<'EOF'  # a BERT-uncased tokenizer for the benchmark's random-weight BERTs
 import sys; sys.path.insert(0, "benchmarks")
 from make_checkpoints import tokenizer_dir
